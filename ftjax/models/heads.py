@@ -1,0 +1,83 @@
+"""Task heads over a decoder backbone (HF names: ``lm_head``, ``score``).
+
+A backbone maps ``(input_ids, attention_mask, positions, segment_ids)`` to hidden states
+``[B, T, D]`` and owns ``embed_tokens`` (used by a tied LM head).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models import layers
+
+HEADS = ("causal_lm", "sequence_classification", "token_classification")
+
+
+def last_token_index(attention_mask: jax.Array | None, input_ids: jax.Array,
+                     pad_token_id: int | None) -> jax.Array:
+    """Index of the last non-pad token per row (transformers' *ForSequenceClassification rule)."""
+    t = input_ids.shape[1]
+    if attention_mask is not None:
+        keep = attention_mask.astype(bool)
+    elif pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    else:
+        return jnp.full((input_ids.shape[0],), t - 1, jnp.int32)
+    return jnp.argmax(jnp.arange(t) * keep, axis=-1).astype(jnp.int32)
+
+
+class CausalLM(nnx.Module):
+    """Backbone + LM head (tied to the input embedding when ``tie``)."""
+
+    def __init__(self, backbone: nnx.Module, hidden: int, vocab: int, *, tie: bool,
+                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs, final_softcap: float | None = None):
+        self.model = backbone
+        self.final_softcap = final_softcap
+        self.lm_head = None if tie else layers.Linear(
+            hidden, vocab, axes=("embed", "vocab"), init_std=init_std, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 inputs_embeds=None) -> jax.Array:
+        h = self.model(input_ids, attention_mask, positions, segment_ids, inputs_embeds)
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.final_softcap is not None:
+            logits = self.final_softcap * jnp.tanh(logits / self.final_softcap)
+        return logits
+
+
+class SequenceClassifier(nnx.Module):
+    """Backbone + ``score`` projection pooled at the last non-pad token."""
+
+    def __init__(self, backbone: nnx.Module, hidden: int, num_labels: int, *,
+                 pad_token_id: int | None, init_std: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.model = backbone
+        self.pad_token_id = pad_token_id
+        self.score = layers.Linear(hidden, num_labels, axes=("embed", "labels"), init_std=init_std,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 inputs_embeds=None) -> jax.Array:
+        h = self.model(input_ids, attention_mask, positions, segment_ids, inputs_embeds)
+        idx = last_token_index(attention_mask, input_ids, self.pad_token_id)
+        pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+        return self.score(pooled)
+
+
+class TokenClassifier(nnx.Module):
+    """Backbone + per-token ``score`` projection (with bias, as transformers)."""
+
+    def __init__(self, backbone: nnx.Module, hidden: int, num_labels: int, *,
+                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.model = backbone
+        self.score = layers.Linear(hidden, num_labels, axes=("embed", "labels"), use_bias=True,
+                                   init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 inputs_embeds=None) -> jax.Array:
+        return self.score(self.model(input_ids, attention_mask, positions, segment_ids, inputs_embeds))

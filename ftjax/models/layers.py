@@ -1,0 +1,184 @@
+"""Building blocks shared by every model family.
+
+Parameters are ``nnx.Param`` with ``logical_axes`` metadata (see ``ftjax.sharding``). Kernels are
+stored ``[in, out]`` (HF torch ``Linear.weight`` transposed). Compute happens in ``dtype``;
+parameters are stored in ``param_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int], dtype,
+          axes: Sequence[str | None]) -> nnx.Param:
+    """A parameter with logical axis names."""
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def normal(stddev: float) -> Initializer:
+    return nnx.initializers.normal(stddev)
+
+
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+                 use_bias: bool = False, init_std: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = param(rngs, normal(init_std), (in_features, out_features), param_dtype, axes)
+        self.bias = param(rngs, zeros, (out_features,), param_dtype, (axes[1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, embed]``; ``attend`` reuses it as a tied output layer."""
+
+    def __init__(self, num_embeddings: int, features: int, *, init_std: float = 0.02,
+                 axes: tuple[str, str] = ("vocab", "embed"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, normal(init_std), (num_embeddings, features), param_dtype, axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32; ``offset=1`` gives Gemma's ``(1 + w)`` scale."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, offset: float = 0.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+        init = zeros if offset else ones
+        self.scale = param(rngs, init, (features,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, computed in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(rngs, ones, (features,), param_dtype, ("norm",))
+        self.bias = param(rngs, zeros, (features,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (the "rotate half" layout used by HF checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> jax.Array:
+    """Inverse frequencies, with optional ``linear`` or ``llama3`` scaling (HF semantics)."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, N, H]`` by ``positions [B, T]``."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: jax.Array,
+                   kv_positions: jax.Array, *, causal: bool, sliding_window: int | None = None
+                   ) -> jax.Array:
+    """Boolean ``[B, 1, Tq, Tk]`` mask: same non-zero segment, causal and windowed by position.
+
+    Segment id 0 marks padding; packed examples get distinct ids so attention never crosses them.
+    """
+    mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
+    if causal:
+        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    if sliding_window is not None:
+        mask &= q_positions[:, :, None] - kv_positions[:, None, :] < sliding_window
+    return mask[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                          scale: float, softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention. q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` with N % K == 0 -> ``[B,T,N,H]``."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def default_positions_and_segments(input_ids: jax.Array, attention_mask: jax.Array | None,
+                                   positions: jax.Array | None, segment_ids: jax.Array | None
+                                   ) -> tuple[jax.Array, jax.Array]:
+    """Fill in positions (0..T-1, as HF does without position_ids) and segment ids (the mask)."""
+    b, t = input_ids.shape
+    if segment_ids is None:
+        segment_ids = (jnp.ones((b, t), jnp.int32) if attention_mask is None
+                       else attention_mask.astype(jnp.int32))
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return positions, segment_ids

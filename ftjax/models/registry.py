@@ -1,0 +1,103 @@
+"""Model families, presets and sharded construction.
+
+A family knows its config class and how to build a model with a given head. A preset is a named
+architecture (random init) at a real or a tiny size. ``init_sharded`` creates parameters straight
+into their mesh layout: ``eval_shape`` -> shardings -> ``jit(init, out_shardings=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from ftjax import sharding
+from ftjax.models import heads, llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to build one model family with each of its heads."""
+    name: str
+    config_cls: type
+    build: Callable[..., nnx.Module]  # build(cfg, head, num_labels, rngs) -> module
+
+
+def build_llama(cfg: llama.LlamaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
+    dt = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    backbone = llama.LlamaModel(cfg, rngs=rngs)
+    if head == "causal_lm":
+        return heads.CausalLM(backbone, cfg.hidden_size, cfg.vocab_size, tie=cfg.tie_embeddings,
+                              init_std=cfg.initializer_range, rngs=rngs, **dt)
+    if head == "sequence_classification":
+        return heads.SequenceClassifier(backbone, cfg.hidden_size, num_labels,
+                                        pad_token_id=cfg.pad_token_id,
+                                        init_std=cfg.initializer_range, rngs=rngs, **dt)
+    if head == "token_classification":
+        return heads.TokenClassifier(backbone, cfg.hidden_size, num_labels,
+                                     init_std=cfg.initializer_range, rngs=rngs, **dt)
+    raise ValueError(f"unknown head {head!r}; choose from {heads.HEADS}")
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", llama.LlamaConfig, build_llama),
+}
+
+# name -> (family, architecture kwargs). Real sizes follow the published configs.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                                 tie_embeddings=True, pad_token_id=0)),
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                   num_layers=30, num_heads=9, num_kv_heads=3, rope_theta=100000.0,
+                                   rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
+                                   bos_token_id=1, eos_token_id=2)),
+    "llama3-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                                rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+                                max_position_embeddings=131072,
+                                rope_scaling=(("rope_type", "llama3"), ("factor", 32.0),
+                                              ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                              ("original_max_position_embeddings", 8192)))),
+    "llama3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                                rms_norm_eps=1e-5, max_position_embeddings=8192)),
+    "mistral-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                 num_layers=32, num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5,
+                                 sliding_window=4096, max_position_embeddings=32768,
+                                 model_type="mistral")),
+    "qwen2.5-7b": ("llama", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                 num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1000000.0,
+                                 attention_bias=True, max_position_embeddings=32768,
+                                 model_type="qwen2")),
+}
+
+
+def get_preset(name: str) -> tuple[Family, Any]:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+    family, kwargs = PRESETS[name]
+    return FAMILIES[family], FAMILIES[family].config_cls(**kwargs)
+
+
+def init_sharded(build: Callable[[nnx.Rngs], nnx.Module], mesh: Mesh, seed: int = 0) -> nnx.Module:
+    """Create a model whose parameters are born sharded on ``mesh`` (never whole on one device)."""
+    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = sharding.state_shardings(abstract_state, mesh)
+
+    @partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(build(nnx.Rngs(seed)))[1]
+
+    return nnx.merge(graphdef, init())
+
+
+def count_params(model_or_state: Any) -> int:
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))
