@@ -1,0 +1,94 @@
+"""The config schema: every section with its defaults, locked so a typo fails loudly.
+
+Config files in ``configs/`` build on ``base_config()`` and return ``finalize(config)``. A locked
+``ConfigDict`` refuses unknown keys and names the closest valid one (``--config.train.stpes=5`` ->
+'Did you mean "steps" instead of "stpes"?').
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ftjax.data.config import data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        source="tiny-llama",  # preset name, HF folder, hub id or .gguf file
+        head="causal_lm",  # causal_lm | sequence_classification | token_classification
+        num_labels=0,  # 0 = taken from the data's label set
+        dtype="float32",  # compute dtype
+        param_dtype="float32",
+        scan_layers=True,
+        remat="none",  # none | full | dots | dots_no_batch
+        allow_pickle=False,  # opt-in for pickled torch .bin checkpoints
+        overrides=ml_collections.ConfigDict(),  # architecture overrides for presets
+    ))
+    c.method = ml_collections.ConfigDict(dict(kind="full"))
+    c.data = data_config()
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100,
+        batch_size=8,  # global batch (examples per optimizer step)
+        grad_accum=1,  # micro-batches per step; batch_size must divide by it
+        seed=0,
+        optimizer="adamw",  # adamw | sgd
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        schedule="cosine",  # cosine | linear | constant
+        warmup_steps=10,
+        min_lr_ratio=0.0,
+        grad_clip=1.0,  # global-norm clipping; 0 disables
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=50,
+        keep=3,
+        keep_best=True,  # also keep the best checkpoint by eval.best_metric
+        async_save=True,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=0,  # 0 = only at the end
+        batch_size=32,
+        best_metric="loss",  # metric name from eval/metrics.json
+        best_mode="min",  # min | max
+        max_batches=0,  # 0 = the whole split
+    ))
+    c.log = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="",  # explicit multi-process: host:port of process 0
+        num_processes=0,
+        process_id=-1,
+    ))
+    return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Lock the config so unknown keys raise with a did-you-mean suggestion."""
+    config.lock()
+    return config
+
+
+def parse_arg(arg: str | None, **defaults):
+    """big_vision-style ``file.py:key=value,flag`` argument parsing into a ConfigDict."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if key not in defaults:
+            raise KeyError(f"config argument {key!r} is not one of {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is not None:
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
+    return out
