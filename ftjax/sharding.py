@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("mlp", ("tensor",)),
     ("norm", None),
     ("position", None),
+    ("token_type", None),  # BERT/RoBERTa token-type (segment) embedding rows
     ("labels", None),
     ("lora_rank", None),
     ("act_seq", None),
@@ -140,3 +141,9 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
         size = math.prod(mesh.shape[a] for a in axes)
         spec.append(None if not axes or dim % size else axes)
     return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays split over data x fsdp."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}

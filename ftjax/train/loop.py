@@ -1,0 +1,193 @@
+"""The training loop: owns checkpoints, logging, evaluation and preemption around the pure step.
+
+Re-running on a workdir that holds checkpoints resumes from the latest one (params, optimizer,
+step, RNG and the data iterator's position), so an interrupted run continues exactly. SIGTERM
+(a preempted TPU VM) makes the loop save at the next step boundary and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ftjax import distributed, sharding
+from ftjax.eval.loop import Evaluator
+from ftjax.eval.metrics import format_table
+from ftjax.train import optim
+from ftjax.train.checkpoint import Checkpointer, abstract_like
+from ftjax.train.experiment import Experiment, build
+from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
+from ftjax.train.logger import MetricsLogger
+from ftjax.train.step import TrainState, make_train_step
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption support
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+
+def init_state(exp: Experiment, tx) -> TrainState:
+    """A fresh TrainState whose optimizer moments share the parameters' shardings."""
+    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                         opt_state=tx.init(p),
+                                         rng=jax.random.key(exp.config.train.seed)))(exp.params)
+    return state
+
+
+def write_eval(workdir: Path, metrics: dict, step: int) -> None:
+    out = workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train (or resume) per ``config`` in ``workdir``; returns the final eval metrics (or {})."""
+    distributed.initialize(config.distributed)
+    workdir = Path(workdir)
+    exp = build(config)
+    t = config.train
+    main = distributed.is_main_process()
+    log = MetricsLogger(workdir, total_steps=t.steps, tensorboard=config.log.tensorboard, enabled=main)
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    log.info(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} devices "
+             f"({jax.process_count()} processes); trainable params {exp.num_trainable:,} of "
+             f"{exp.num_total:,} ({100 * exp.num_trainable / max(exp.num_total, 1):.2f}%)")
+
+    tx = optim.make_optimizer(t)
+    state = init_state(exp, tx)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, exp.frozen)
+    step_fn = jax.jit(
+        make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
+                        schedule=optim.schedule_shape(t)),
+        in_shardings=(state_sharding, frozen_sharding, None),
+        out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+    ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint,
+                        best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
+    train_iter = exp.pipe.train_iterator(t.batch_size)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state = ckpt.restore(start, abstract_like(state))
+        train_iter.set_state(data_state)
+        log.info(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    start = int(state.step)
+
+    evaluator = Evaluator(exp.graphdef, exp.mesh, kind=exp.kind,
+                          num_labels=exp.pipe.info.num_labels, label_names=exp.pipe.info.label_names)
+
+    def evaluate() -> dict:
+        return evaluator.run(state.params, exp.frozen,
+                             exp.pipe.eval_batches(config.eval.batch_size),
+                             max_batches=config.eval.max_batches)
+
+    flops_per_token = None
+    peak = peak_flops_per_device()
+    last_eval: dict = {}
+    with _Preemption() as preempt:
+        log.start(start)
+        window_start, window_tokens, first_step_time = time.time(), 0, None
+        for step in range(start, t.steps):
+            batch = sharding.shard_batch(next(train_iter), exp.mesh)
+            if flops_per_token is None:
+                seq_len = batch["input_ids"].shape[1]
+                flops_per_token = train_flops_per_token(exp.model, seq_len)
+            state, metrics = step_fn(state, exp.frozen, batch)
+            window_tokens += batch["input_ids"].size
+            done = step + 1
+            if first_step_time is None:
+                jax.block_until_ready(state)
+                first_step_time = time.time() - window_start
+                log.info(f"first step (trace + compile + run) took {first_step_time:.2f}s")
+                window_start, window_tokens = time.time(), 0
+            if done % config.log.every_steps == 0 or done == t.steps:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.time() - window_start
+                if window_tokens and elapsed > 0:
+                    host["tokens_per_sec"] = window_tokens / elapsed
+                    if peak:
+                        host["mfu"] = host["tokens_per_sec"] * flops_per_token / (peak * jax.device_count())
+                log.log(done, host)
+                window_start, window_tokens = time.time(), 0
+            final = done == t.steps
+            eval_now = exp.pipe.has_eval and (final or (
+                config.eval.every_steps and done % config.eval.every_steps == 0))
+            eval_metrics = None
+            if eval_now:
+                eval_metrics = last_eval = evaluate()
+                log.log(done, _scalars(eval_metrics), prefix="eval")
+            stop = preempt.should_stop()
+            if eval_now or done % config.checkpoint.every_steps == 0 or stop or final:
+                ckpt.save(done, state, train_iter.get_state(),
+                          metrics=_scalars(eval_metrics) if eval_metrics else None, force=True)
+            if stop:
+                log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")
+                break
+    if int(state.step) >= t.steps and exp.pipe.has_eval:
+        if not last_eval:  # a finished run started again: evaluate what it holds
+            last_eval = evaluate()
+        if main:
+            write_eval(workdir, last_eval, int(state.step))
+            log.info(format_table(last_eval))
+    ckpt.wait()
+    ckpt.close()
+    log.close()
+    return last_eval
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str | Path,
+                 which: str = "latest") -> tuple[Experiment, int]:
+    """Rebuild a run's experiment and put the trained parameters of checkpoint ``which`` in it.
+
+    ``which`` is 'latest', 'best' or a step. The returned experiment's ``params`` (and its
+    ``model``) hold the restored weights.
+    """
+    distributed.initialize(config.distributed)
+    exp = build(config)
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint,
+                        best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
+    step = ckpt.resolve(which)
+    state = init_state(exp, optim.make_optimizer(config.train))
+    state, _ = ckpt.restore(step, abstract_like(state))
+    ckpt.close()
+    exp.params = state.params
+    nnx.update(exp.model, state.params)
+    return exp, step

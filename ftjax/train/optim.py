@@ -1,0 +1,92 @@
+"""Optimizer and learning-rate schedule from ``config.train``.
+
+The peak learning rate and weight decay live in the optimizer state (``inject_hyperparams``), so
+they are traced values: sweep arms that change only them reuse one compiled step. The schedule's
+*shape* (warmup, decay) multiplies the update; for AdamW that equals scheduling the rate itself,
+including the decoupled weight decay, exactly as ``optax.adamw(schedule)`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def schedule_shape(train_cfg: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+    """Multiplier in [0, 1] over steps: linear warmup, then cosine / linear decay or constant."""
+    steps, warmup = int(train_cfg.steps), int(train_cfg.warmup_steps)
+    floor = float(train_cfg.min_lr_ratio)
+    kind = train_cfg.schedule
+    if kind not in SCHEDULES:
+        raise ValueError(f"config.train.schedule={kind!r}; choose from {SCHEDULES}")
+
+    def shape(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1) / max(warmup, 1)) if warmup > 0 else 1.0
+        progress = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+        if kind == "cosine":
+            decay = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        elif kind == "linear":
+            decay = floor + (1 - floor) * (1 - progress)
+        else:
+            decay = 1.0
+        return jnp.where(step < warmup, warm, decay)
+
+    return shape
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: Any = None,
+                   lr_scale: Any = None) -> optax.GradientTransformation:
+    """clip -> AdamW/SGD (peak lr in state) -> schedule shape [-> per-parameter lr scale].
+
+    ``lr_scale`` is an optional pytree of per-parameter multipliers (layer-wise LR decay).
+    """
+    kind = train_cfg.optimizer
+    if kind == "adamw":
+        inner = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=float(train_cfg.learning_rate), b1=float(train_cfg.b1),
+            b2=float(train_cfg.b2), eps=float(train_cfg.eps),
+            weight_decay=float(train_cfg.weight_decay), mask=weight_decay_mask)
+    elif kind == "sgd":
+        inner = optax.inject_hyperparams(optax.sgd)(learning_rate=float(train_cfg.learning_rate))
+    else:
+        raise ValueError(f"config.train.optimizer={kind!r}; choose from {OPTIMIZERS}")
+    parts = []
+    if float(train_cfg.grad_clip) > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    parts += [inner, optax.scale_by_schedule(schedule_shape(train_cfg))]
+    if lr_scale is not None:
+        parts.append(optax.GradientTransformation(
+            lambda _: optax.EmptyState(),
+            lambda u, s, p=None: (jax.tree.map(lambda x, k: x * k, u, lr_scale), s)))
+    return optax.chain(*parts)
+
+
+def peak_learning_rate(opt_state: Any) -> Any:
+    """The injected peak learning rate inside a ``make_optimizer`` state."""
+    for part in opt_state:
+        if isinstance(part, optax.InjectHyperparamsState):
+            return part.hyperparams["learning_rate"]
+    raise ValueError("optimizer state has no injected learning rate")
+
+
+def set_hyperparams(opt_state: Any, **values: float) -> Any:
+    """Return ``opt_state`` with injected hyper-parameters replaced (no recompilation)."""
+    out = []
+    for part in opt_state:
+        if isinstance(part, optax.InjectHyperparamsState):
+            hp = dict(part.hyperparams)
+            for k, v in values.items():
+                if k not in hp:
+                    raise KeyError(f"unknown hyper-parameter {k!r}; have {sorted(hp)}")
+                hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
+            part = part._replace(hyperparams=hp)
+        out.append(part)
+    return type(opt_state)(out) if not isinstance(opt_state, tuple) else tuple(out)

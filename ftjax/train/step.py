@@ -1,0 +1,123 @@
+"""The pure train step: one ``jax.jit`` with explicit shardings and a donated state.
+
+The model is split once into ``graphdef`` + trainable params + frozen rest; the step merges
+them inside, computes a masked loss, accumulates gradients over micro-batches with ``lax.scan``,
+clips and applies the optimizer. What trains is decided by the method's filter, never here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ftjax.train import optim
+
+LOSS_KINDS = {"causal_lm": "lm", "sequence_classification": "classification",
+              "token_classification": "token"}
+IGNORE = -100
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the trainable parameters
+    opt_state: Any
+    rng: jax.Array
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Keyword arguments of a model call from a pipeline batch."""
+    seg = batch["segment_ids"]
+    return dict(input_ids=batch["input_ids"], attention_mask=(seg > 0).astype(jnp.int32),
+                positions=batch["positions"], segment_ids=seg)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-position negative log-likelihood in float32 (labels outside range give garbage: mask them)."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of losses, sum of weights, number of correct predictions) for one batch."""
+    if kind == "lm":
+        labels, weights = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+    elif kind == "classification":
+        labels, weights = batch["labels"], batch["example_mask"].astype(jnp.float32)
+    elif kind == "token":
+        labels = batch["labels"]
+        weights = ((labels != IGNORE) & (batch["segment_ids"] > 0)).astype(jnp.float32)
+        weights = weights * batch["example_mask"][:, None]
+    else:
+        raise ValueError(f"unknown loss kind {kind!r}")
+    nll = cross_entropy(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, kind: str,
+                    grad_accum: int = 1,
+                    schedule: Callable[[Any], Any] | None = None,
+                    grad_mask_fn: Callable[[Any, jax.Array], Any] | None = None,
+                    extra_loss_fn: Callable[[Any], jax.Array] | None = None):
+    """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
+
+    ``grad_mask_fn(grads, step)`` may zero gradients (gradual unfreezing); ``extra_loss_fn(params)``
+    adds a regulariser (e.g. L2-SP, EWC) to the mean loss.
+    """
+
+    def loss_sum(params, frozen, micro):
+        model = nnx.merge(graphdef, params, frozen)
+        logits = model(**model_inputs(micro))
+        total, weight, correct = loss_terms(logits, micro, kind)
+        return total, (weight, correct)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
+        if grad_accum == 1:
+            (total, (weight, correct)), grads = grad_fn(state.params, frozen, batch)
+        else:
+            # Micro-batch i takes rows i, i+A, i+2A, ... so every micro-batch stays evenly sharded.
+            micro = jax.tree.map(
+                lambda x: jnp.moveaxis(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 1, 0),
+                batch)
+
+            def body(carry, mb):
+                (t, (w, c)), g = grad_fn(state.params, frozen, mb)
+                acc_t, acc_w, acc_c, acc_g = carry
+                return (acc_t + t, acc_w + w, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (total, weight, correct, grads), _ = jax.lax.scan(
+                body, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros), micro)
+        denom = jnp.maximum(weight, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        if extra_loss_fn is not None:
+            reg, reg_grads = jax.value_and_grad(extra_loss_fn)(state.params)
+            loss = loss + reg
+            grads = jax.tree.map(jnp.add, grads, reg_grads)
+        if grad_mask_fn is not None:
+            grads = grad_mask_fn(grads, state.step)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        lr = optim.peak_learning_rate(opt_state)
+        if schedule is not None:
+            lr = lr * schedule(state.step)
+        metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr, weight=weight,
+                       accuracy=correct / denom)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.fold_in(state.rng, state.step))
+        return new_state, metrics
+
+    return step

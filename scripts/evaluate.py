@@ -1,0 +1,38 @@
+"""Evaluate a trained run: python scripts/evaluate.py --config=... --workdir=DIR [--checkpoint=latest|best|STEP]."""
+
+from pathlib import Path
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from ftjax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (or a name in configs/).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from ftjax.eval.loop import Evaluator
+    from ftjax.eval.metrics import format_table
+    from ftjax.train.loop import load_trained, write_eval
+
+    config = _CONFIG.value
+    exp, step = load_trained(config, _WORKDIR.value, _CHECKPOINT.value)
+    if not exp.pipe.has_eval:
+        raise SystemExit("the config has no eval split (config.data); nothing to evaluate")
+    evaluator = Evaluator(exp.graphdef, exp.mesh, kind=exp.kind, num_labels=exp.pipe.info.num_labels,
+                          label_names=exp.pipe.info.label_names)
+    metrics = evaluator.run(exp.params, exp.frozen, exp.pipe.eval_batches(config.eval.batch_size),
+                            max_batches=config.eval.max_batches)
+    if jax.process_index() == 0:
+        write_eval(Path(_WORKDIR.value), metrics, step)
+        print(f"checkpoint step {step}\n{format_table(metrics)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
