@@ -174,3 +174,104 @@ def hf_weight_map(cfg: LlamaConfig, head: str) -> list[weights.WeightSpec]:
     elif head == "token_classification":
         specs += weights.linear(("score",), "score", True)
     return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers config.json <-> LlamaConfig
+# ---------------------------------------------------------------------------------------------
+
+HF_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_ROPE_KINDS = ("default", "linear", "llama3")
+
+
+def _hf_rope(d: dict) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(theta, scaling) from either transformers v5 ``rope_parameters`` or legacy top-level keys."""
+    params = dict(d.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    scaling = dict(d.get("rope_scaling") or params)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in _ROPE_KINDS:
+        raise NotImplementedError(f"rope type {kind!r} is not supported (supported: {_ROPE_KINDS})")
+    if kind == "default":
+        return theta, None
+    scaling.pop("type", None)
+    scaling["rope_type"] = kind
+    return theta, tuple(sorted(scaling.items()))
+
+
+def _hf_sliding_window(d: dict) -> int | None:
+    """Mistral windows every layer; Qwen2/3 only when ``use_sliding_window`` (per ``layer_types``)."""
+    if d["model_type"] == "mistral":
+        return d.get("sliding_window")
+    if d["model_type"] not in ("qwen2", "qwen3") or not d.get("use_sliding_window"):
+        return None
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", n)
+                                     else "full_attention" for i in range(n)]
+    if set(types) == {"full_attention"}:
+        return None
+    if set(types) == {"sliding_attention"}:
+        return d["sliding_window"]
+    raise NotImplementedError("mixed full/sliding attention layers are not supported for "
+                              f"{d['model_type']} (layer_types={types})")
+
+
+def from_hf_config(d: dict) -> LlamaConfig:
+    """LlamaConfig from a transformers ``config.json`` dict (llama, mistral, qwen2, qwen3)."""
+    model_type = d["model_type"]
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a llama-family type {sorted(HF_MODEL_TYPES)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    theta, scaling = _hf_rope(d)
+    eos = d.get("eos_token_id")
+    return LlamaConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"), rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
+        mlp_bias=d.get("mlp_bias", False), qk_norm=model_type == "qwen3",
+        sliding_window=_hf_sliding_window(d),
+        max_position_embeddings=d.get("max_position_embeddings", 4096),
+        initializer_range=d.get("initializer_range", 0.02),
+        pad_token_id=d.get("pad_token_id"), bos_token_id=d.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos, model_type=model_type)
+
+
+def to_hf_config(cfg: LlamaConfig) -> dict:
+    """A transformers ``config.json`` dict (without ``architectures``) for ``cfg``."""
+    mt = cfg.model_type
+    if mt not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type {mt!r} is not a llama-family type {sorted(HF_MODEL_TYPES)}")
+    checks = {"attention_bias": cfg.attention_bias != (mt == "qwen2") and mt in ("mistral", "qwen2"),
+              "mlp_bias": cfg.mlp_bias and mt != "llama", "qk_norm": cfg.qk_norm != (mt == "qwen3"),
+              "sliding_window": cfg.sliding_window is not None and mt == "llama"}
+    bad = [k for k, v in checks.items() if v]
+    if bad:
+        raise ValueError(f"{bad} cannot be expressed by transformers model_type {mt!r}")
+    rope = {"rope_type": "default", **(cfg.rope_scaling_dict or {}), "rope_theta": cfg.rope_theta}
+    d = dict(model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+             head_dim=cfg.resolved_head_dim, hidden_act="silu",
+             max_position_embeddings=cfg.max_position_embeddings,
+             initializer_range=cfg.initializer_range, rms_norm_eps=cfg.rms_norm_eps,
+             rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings,
+             pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+             eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple)
+             else cfg.eos_token_id)
+    if mt in ("llama", "qwen3"):
+        d["attention_bias"] = cfg.attention_bias
+    if mt == "llama":
+        d["mlp_bias"] = cfg.mlp_bias
+    if mt == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    if mt in ("qwen2", "qwen3"):
+        windowed = cfg.sliding_window is not None
+        d.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window,
+                 max_window_layers=0 if windowed else cfg.num_layers)
+    return d

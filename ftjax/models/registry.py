@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,30 @@ from ftjax import sharding
 from ftjax.models import heads, llama
 
 
+# head -> suffix of the transformers class name (a family may override, e.g. GPT2LMHeadModel).
+HF_HEAD_SUFFIX: dict[str, str] = {"causal_lm": "ForCausalLM",
+                                  "sequence_classification": "ForSequenceClassification",
+                                  "token_classification": "ForTokenClassification"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """How to build one model family with each of its heads."""
+    """How to build one model family with each of its heads, and how it maps to transformers.
+
+    The config class must have a ``model_type`` field (the transformers ``model_type``).
+    """
     name: str
     config_cls: type
     build: Callable[..., nnx.Module]  # build(cfg, head, num_labels, rngs) -> module
+    model_types: Mapping[str, str] = dataclasses.field(default_factory=dict)  # HF type -> class prefix
+    hf_weight_map: Callable[[Any, str], list] | None = None  # (cfg, head) -> [WeightSpec]
+    from_hf_config: Callable[[dict], Any] | None = None  # config.json dict -> cfg
+    to_hf_config: Callable[[Any], dict] | None = None  # cfg -> config.json dict
+    hf_head_suffix: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(HF_HEAD_SUFFIX))
+
+    def hf_architecture(self, cfg: Any, head: str) -> str:
+        """The transformers class name, e.g. ``Qwen2ForSequenceClassification``."""
+        return self.model_types[cfg.model_type] + self.hf_head_suffix[head]
 
 
 def build_llama(cfg: llama.LlamaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -45,8 +63,28 @@ def build_llama(cfg: llama.LlamaConfig, head: str, num_labels: int, rngs: nnx.Rn
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", llama.LlamaConfig, build_llama),
+    "llama": Family("llama", llama.LlamaConfig, build_llama, model_types=llama.HF_MODEL_TYPES,
+                    hf_weight_map=llama.hf_weight_map, from_hf_config=llama.from_hf_config,
+                    to_hf_config=llama.to_hf_config),
 }
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """The family that reads transformers ``model_type``; the error lists the supported ones."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in FAMILIES.values() for t in f.model_types)
+    raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported}")
+
+
+def family_for_config(cfg: Any) -> Family:
+    """The family whose config class ``cfg`` is."""
+    for family in FAMILIES.values():
+        if isinstance(cfg, family.config_cls):
+            return family
+    raise ValueError(f"no model family uses config class {type(cfg).__name__}")
+
 
 # name -> (family, architecture kwargs). Real sizes follow the published configs.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
