@@ -16,7 +16,9 @@ import transformers
 from flax import nnx
 
 from ftjax import sharding
+from ftjax.models import registry
 from ftjax.models.loading import from_pretrained
+from ftjax.models.saving import save_pretrained
 
 ATOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -93,6 +95,17 @@ def test_causal_lm_logits_match_transformers(variant, tmp_path):
     keep = mask.astype(bool)
     np.testing.assert_allclose(ftjax_logits(model, ids, mask)[keep], ref[keep], atol=ATOL, rtol=0)
 
+    exported = reload_in_transformers(transformers.AutoModelForCausalLM, model, tmp_path / "out")
+    np.testing.assert_allclose(torch_logits(exported, ids, mask)[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+def reload_in_transformers(cls, model, out_dir) -> torch.nn.Module:
+    """ftjax export -> transformers load, asserting no missing/unexpected/mismatched weights."""
+    save_pretrained(model, out_dir)
+    reloaded, info = cls.from_pretrained(out_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return reloaded.eval()
+
 
 def test_llama3_rope_scaling_matters(tmp_path):
     """Guard against a vacuous pass: without the llama3 scaling the logits must differ."""
@@ -112,10 +125,12 @@ def test_classification_heads_match_transformers(head, cls, tmp_path):
     ref = torch_logits(ref_model, ids, mask)
     model, _ = from_pretrained(tmp_path, head=head, mesh=one_device_mesh())
     out = ftjax_logits(model, ids, mask)
+    exported = torch_logits(reload_in_transformers(cls, model, tmp_path / "out"), ids, mask)
     if head == "token_classification":
         keep = mask.astype(bool)
-        out, ref = out[keep], ref[keep]
+        out, ref, exported = out[keep], ref[keep], exported[keep]
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(exported, ref, atol=1e-5, rtol=0)
 
 
 def _lm_loss(logits, ids, mask):
@@ -157,3 +172,12 @@ def test_2x4_mesh_matches_one_device(tmp_path):
     keep = mask.astype(bool)
     np.testing.assert_allclose(ftjax_logits(sharded, ids, mask)[keep],
                                ftjax_logits(single, ids, mask)[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset,published", [
+    ("llama3-8b", 8_030_261_248), ("llama3-1b", 1_235_814_400), ("qwen2.5-7b", 7_615_616_512),
+    ("smollm2-135m", 134_515_008), ("mistral-7b", 7_241_732_096)])
+def test_full_size_preset_parameter_counts(preset, published):
+    family, cfg = registry.get_preset(preset)
+    abstract = nnx.eval_shape(lambda: family.build(cfg, "causal_lm", 0, nnx.Rngs(0)))
+    assert registry.count_params(abstract) == published

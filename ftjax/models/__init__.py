@@ -10,6 +10,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.models import registry
+from ftjax.models.loading import CheckpointError, from_pretrained
+from ftjax.models.saving import save_pretrained
+
+__all__ = ["CheckpointError", "create", "from_pretrained", "save_pretrained"]
 
 
 def create(model_cfg: ml_collections.ConfigDict, mesh: Mesh, *, num_labels: int = 0,

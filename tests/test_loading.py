@@ -1,0 +1,127 @@
+"""Checkpoint IO: sources (folder, sharded, hub id, preset, pickle), clear errors, sharded export."""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from ftjax.models.loading import CheckpointError, from_pretrained
+from ftjax.models.saving import save_pretrained
+from test_llama_parity import (ftjax_logits, hf_config, make_hf, one_device_mesh, padded_batch,
+                               torch_logits)
+
+CausalLM = transformers.AutoModelForCausalLM
+
+
+@pytest.fixture()
+def llama_dir(tmp_path):
+    folder = tmp_path / "llama"
+    model = make_hf(CausalLM.from_config, hf_config("llama2"), folder)
+    return folder, model
+
+
+def _rewrite(folder, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(llama_dir):
+    folder, _ = llama_dir
+    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        from_pretrained(folder, mesh=one_device_mesh())
+
+
+def test_wrong_shape_is_named(llama_dir):
+    folder, _ = llama_dir
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": np.ones(7, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*\(7,\).*\(32,\)"):
+        from_pretrained(folder, mesh=one_device_mesh())
+
+
+def test_unexpected_tensor_is_named_and_buffers_ignored(llama_dir):
+    folder, _ = llama_dir
+    _rewrite(folder, lambda t: t.update({
+        "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
+    from_pretrained(folder, mesh=one_device_mesh())  # a well-known buffer: fine
+    _rewrite(folder, lambda t: t.update({"model.extra.weight": np.ones(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.extra\.weight"):
+        from_pretrained(folder, mesh=one_device_mesh())
+
+
+def test_unsupported_model_type_lists_supported(llama_dir):
+    folder, _ = llama_dir
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match=r"'gpt_neox'.*supported.*'llama'.*'mistral'.*'qwen2'"):
+        from_pretrained(folder, mesh=one_device_mesh())
+
+
+def test_pickle_only_folder_refused_unless_allowed(llama_dir, tmp_path):
+    folder, ref_model = llama_dir
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(ref_model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled.*allow_pickle=True"):
+        from_pretrained(pickled, mesh=one_device_mesh())
+    model, _ = from_pretrained(pickled, mesh=one_device_mesh(), allow_pickle=True)
+    ids, mask = padded_batch()
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(ftjax_logits(model, ids, mask)[keep],
+                               torch_logits(ref_model, ids, mask)[keep], atol=1e-4, rtol=0)
+
+
+def test_hub_id_downloads_only_safe_files(llama_dir, monkeypatch):
+    folder, _ = llama_dir
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _ = from_pretrained("someone/tiny-llama", mesh=one_device_mesh())
+    (repo_id, patterns), = calls
+    assert repo_id == "someone/tiny-llama" and "*.safetensors" in patterns
+    assert not any(p.endswith((".bin", ".py")) for p in patterns)
+
+
+def test_preset_and_bad_source():
+    model, tokenizer = from_pretrained("tiny-llama", mesh=one_device_mesh())
+    assert tokenizer is None and model.model.cfg.hidden_size == 64
+    with pytest.raises(ValueError, match="not a folder"):
+        from_pretrained("no such thing", mesh=one_device_mesh())
+
+
+def test_classifier_on_causal_lm_checkpoint_gets_fresh_head(llama_dir):
+    folder, _ = llama_dir
+    model, _ = from_pretrained(folder, head="sequence_classification", num_labels=5,
+                               mesh=one_device_mesh())
+    ids, mask = padded_batch()
+    assert ftjax_logits(model, ids, mask).shape == (3, 5)
+
+
+def test_sharded_export_loads_everywhere(llama_dir, tmp_path):
+    folder, ref_model = llama_dir
+    model, _ = from_pretrained(folder, mesh=one_device_mesh())
+    out = tmp_path / "sharded"
+    save_pretrained(model, out, max_shard_size=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert (out / "generation_config.json").exists()
+    ids, mask = padded_batch()
+    keep = mask.astype(bool)
+    ref = torch_logits(ref_model, ids, mask)[keep]
+    reloaded, info = CausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    np.testing.assert_allclose(torch_logits(reloaded, ids, mask)[keep], ref, atol=1e-5, rtol=0)
+    again, _ = from_pretrained(out, mesh=one_device_mesh())
+    np.testing.assert_allclose(ftjax_logits(again, ids, mask)[keep], ref, atol=1e-4, rtol=0)
