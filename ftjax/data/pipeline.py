@@ -27,7 +27,7 @@ class DataInfo:
     pad_id: int
 
 
-def _task_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+def task_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """One data config per task: the section itself, or the section with each task's overrides."""
     if not cfg.mixture.tasks:
         return {cfg.task: cfg}
@@ -149,7 +149,7 @@ class Pipeline:
 
     def verbalizer_ids(self) -> list[list[int]]:
         """Token ids of every label's answer (``' ' + verbaliser + EOS``), in label-id order."""
-        return [ids for p, c in zip(self._prepared.values(), _task_configs(self.cfg).values())
+        return [ids for p, c in zip(self._prepared.values(), task_configs(self.cfg).values())
                 for ids in encode.verbalizer_ids(c, self._tokenizer, p.labels)]
 
     def _choices(self, rows: packing.Rows, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -246,6 +246,6 @@ def build(data_cfg: ml_collections.ConfigDict, tokenizer, *, process_index: int 
           seed: int = 0, cache_dir: str | None = None) -> Pipeline:
     """Prepare (or load from ``cache_dir``) every task of ``config.data`` and return the pipeline."""
     prepared = {name: prepare.prepare_cached(c, tokenizer, cache_dir)[0]
-                for name, c in _task_configs(data_cfg).items()}
+                for name, c in task_configs(data_cfg).items()}
     return Pipeline(data_cfg, tokenizer, prepared, process_index=process_index,
                     process_count=process_count, seed=seed)

@@ -189,7 +189,8 @@ def load(directory: str) -> Prepared:
         report = json.load(f)
     examples = {}
     for split in meta["splits"]:
-        z = np.load(os.path.join(directory, f"{split}.npz"))
+        with np.load(os.path.join(directory, f"{split}.npz")) as f:
+            z = dict(f)  # read each array once, not once per example
         off = z["offsets"]
         examples[split] = [
             encode.Example(z["ids"][a:b],
@@ -219,3 +220,19 @@ def prepare_cached(cfg: ml_collections.ConfigDict, tokenizer, cache_dir: str | N
     else:
         os.replace(tmp, directory)
     return prepared, directory
+
+
+def summary(report: dict) -> str:
+    """A few printable lines: rows after each step, labels and token lengths per split."""
+    lines = [f"task={report['task']} seq_len={report['seq_len']} quarantined={report['quarantined']}"]
+    for split, r in report["splits"].items():
+        steps = " -> ".join(f"{s['step']} {s['rows']}" for s in r["steps"])
+        lines.append(f"[{split}] {r['source']}\n  rows: {steps}; examples {r['examples']}")
+        if r["labels"]:
+            lines.append(f"  labels: {r['labels']}")
+        t = r["tokens"]
+        lines.append(f"  tokens: min {t['min']} mean {t['mean']} p95 {t['p95']} max {t['max']}")
+    if "leakage" in report:
+        lines.append(f"  leakage: {report['leakage']['eval_rows_in_train']} eval rows also in train"
+                     f"{' (removed)' if report['leakage']['removed'] else ''}")
+    return "\n".join(lines)
