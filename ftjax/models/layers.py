@@ -182,3 +182,34 @@ def default_positions_and_segments(input_ids: jax.Array, attention_mask: jax.Arr
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return positions, segment_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations and dropout
+# ---------------------------------------------------------------------------------------------
+
+# HF ``hidden_act`` / ``hidden_activation`` names -> functions ("gelu" is the exact erf form).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise NotImplementedError(f"activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout with an explicit key; the identity when ``key`` is None or ``rate`` is 0.
+
+    Scanned layers take their keys as per-layer inputs, so they cannot own an rng stream.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax import sharding
-from ftjax.models import heads, llama
+from ftjax.models import bert, heads, llama
 
 
 # head -> suffix of the transformers class name (a family may override, e.g. GPT2LMHeadModel).
@@ -66,6 +66,9 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", llama.LlamaConfig, build_llama, model_types=llama.HF_MODEL_TYPES,
                     hf_weight_map=llama.hf_weight_map, from_hf_config=llama.from_hf_config,
                     to_hf_config=llama.to_hf_config),
+    "bert": Family("bert", bert.BertConfig, bert.build, model_types=bert.HF_MODEL_TYPES,
+                   hf_weight_map=bert.hf_weight_map, from_hf_config=bert.from_hf_config,
+                   to_hf_config=bert.to_hf_config, hf_head_suffix=bert.HF_HEAD_SUFFIX),
 }
 
 
@@ -88,6 +91,13 @@ def family_for_config(cfg: Any) -> Family:
 
 # name -> (family, architecture kwargs). Real sizes follow the published configs.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-bert": ("bert", dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                               num_layers=2, num_heads=4)),
+    "bert-base": ("bert", dict()),
+    "all-minilm-l6": ("bert", dict(hidden_size=384, intermediate_size=1536, num_layers=6)),
+    "roberta-base": ("bert", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                  layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, model_type="roberta")),
     "tiny-llama": ("llama", dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
                                  num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
                                  tie_embeddings=True, pad_token_id=0)),

@@ -41,3 +41,9 @@ def linear(path: tuple[str, ...], hf_prefix: str, bias: bool) -> list[WeightSpec
     if bias:
         specs.append(WeightSpec(path + ("bias",), hf_prefix + ".bias"))
     return specs
+
+
+def layer_norm(path: tuple[str, ...], hf_prefix: str) -> list[WeightSpec]:
+    """A torch ``nn.LayerNorm`` (weight, bias) <-> an ftjax ``LayerNorm`` (scale, bias)."""
+    return [WeightSpec(path + ("scale",), hf_prefix + ".weight"),
+            WeightSpec(path + ("bias",), hf_prefix + ".bias")]
