@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax import sharding
-from ftjax.models import bert, heads, llama
+from ftjax.models import bert, gpt2, heads, llama
 
 
 # head -> suffix of the transformers class name (a family may override, e.g. GPT2LMHeadModel).
@@ -69,6 +69,9 @@ FAMILIES: dict[str, Family] = {
     "bert": Family("bert", bert.BertConfig, bert.build, model_types=bert.HF_MODEL_TYPES,
                    hf_weight_map=bert.hf_weight_map, from_hf_config=bert.from_hf_config,
                    to_hf_config=bert.to_hf_config, hf_head_suffix=bert.HF_HEAD_SUFFIX),
+    "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.build, model_types=gpt2.HF_MODEL_TYPES,
+                   hf_weight_map=gpt2.hf_weight_map, from_hf_config=gpt2.from_hf_config,
+                   to_hf_config=gpt2.to_hf_config, hf_head_suffix=gpt2.HF_HEAD_SUFFIX),
 }
 
 
@@ -94,6 +97,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-bert": ("bert", dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
                                num_layers=2, num_heads=4)),
     "bert-base": ("bert", dict()),
+    "tiny-gpt2": ("gpt2", dict(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
+                               max_position_embeddings=512)),
+    "gpt2": ("gpt2", dict()),
     "all-minilm-l6": ("bert", dict(hidden_size=384, intermediate_size=1536, num_layers=6)),
     "roberta-base": ("bert", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                                   layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,

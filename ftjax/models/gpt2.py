@@ -1,0 +1,198 @@
+"""GPT-2 decoder: learned positions, pre-LN blocks, ``gelu_new`` MLP, tied LM head.
+
+HF's ``Conv1D`` already stores weights ``[in, out]``, so kernels load untransposed; ``c_attn``
+stays one fused ``[D, 3D]`` projection split into q, k, v after the matmul (as transformers
+does), so export writes it back unchanged. Heads come from ``heads.py`` (backbone at ``model``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax import sharding
+from ftjax.models import heads, layers, weights
+from ftjax.models.stack import run_layers, stack_layers
+
+HF_MODEL_TYPES = {"gpt2": "GPT2"}
+HF_HEAD_SUFFIX = {"causal_lm": "LMHeadModel", "sequence_classification": "ForSequenceClassification",
+                  "token_classification": "ForTokenClassification"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    intermediate_size: int | None = None  # HF n_inner; None = 4 * hidden_size
+    num_layers: int = 12
+    num_heads: int = 12
+    max_position_embeddings: int = 1024
+    activation: str = "gelu_new"
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    model_type: str = "gpt2"
+    # runtime switches (not architecture)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @property
+    def resolved_intermediate_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+
+def _dtypes(cfg: GPT2Config) -> dict:
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def _conv1d(cfg: GPT2Config, d_in: int, d_out: int, axes, rngs: nnx.Rngs) -> layers.Linear:
+    return layers.Linear(d_in, d_out, axes=axes, use_bias=True, init_std=cfg.initializer_range,
+                         rngs=rngs, **_dtypes(cfg))
+
+
+def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
+    return layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.c_attn = _conv1d(cfg, d, 3 * d, ("embed", "heads"), rngs)
+        self.c_proj = _conv1d(cfg, d, d, ("heads", "embed"), rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim)
+                   for y in jnp.split(self.c_attn(x), 3, axis=-1))
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        return self.c_proj(out.reshape(b, t, -1))
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.resolved_intermediate_size
+        self.act = layers.activation(cfg.activation)
+        self.c_fc = _conv1d(cfg, d, f, ("embed", "mlp"), rngs)
+        self.c_proj = _conv1d(cfg, f, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = GPT2Attention(cfg, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = GPT2MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.mlp(self.ln_2(x))
+        return sharding.constrain(x, "batch", "act_seq", "act_embed")
+
+
+class GPT2Model(nnx.Module):
+    """The backbone (HF ``GPT2Model``): token ids -> final normalised hidden states ``[B, T, D]``."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, d, std = _dtypes(cfg), cfg.hidden_size, cfg.initializer_range
+        self.wte = layers.Embed(cfg.vocab_size, d, init_std=std, rngs=rngs, **dt)
+        self.wpe = layers.Embed(cfg.max_position_embeddings, d, init_std=std,
+                                axes=("position", "embed"), rngs=rngs, **dt)
+        self.h = stack_layers(lambda r: GPT2Block(cfg, rngs=r), cfg.num_layers, rngs)
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    @property
+    def embed_tokens(self) -> layers.Embed:
+        """The token embedding under the name ``heads.CausalLM`` ties to."""
+        return self.wte
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+        positions, segment_ids = layers.default_positions_and_segments(
+            input_ids, attention_mask, positions, segment_ids)
+        mask = layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
+        h = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        h = sharding.constrain(h + self.wpe(positions), "batch", "act_seq", "act_embed")
+        h = run_layers(self.h, h, lambda blk, x, _: blk(x, mask), scan=self.cfg.scan_layers,
+                       remat=self.cfg.remat)
+        return self.ln_f(h)
+
+
+def build(cfg: GPT2Config, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
+    """GPT-2 with a ``heads.py`` head (tied LM head, last-token ``score``, per-token ``score``)."""
+    dt = _dtypes(cfg)
+    backbone = GPT2Model(cfg, rngs=rngs)
+    common = dict(init_std=cfg.initializer_range, rngs=rngs, **dt)
+    if head == "causal_lm":
+        return heads.CausalLM(backbone, cfg.hidden_size, cfg.vocab_size, tie=cfg.tie_embeddings,
+                              **common)
+    if head == "sequence_classification":
+        return heads.SequenceClassifier(backbone, cfg.hidden_size, num_labels,
+                                        pad_token_id=cfg.pad_token_id, **common)
+    if head == "token_classification":
+        return heads.TokenClassifier(backbone, cfg.hidden_size, num_labels, **common)
+    raise ValueError(f"unknown head {head!r}; choose from {tuple(HF_HEAD_SUFFIX)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face names and configs
+# ---------------------------------------------------------------------------------------------
+
+def hf_weight_map(cfg: GPT2Config, head: str) -> list[weights.WeightSpec]:
+    """ftjax paths <-> transformers ``GPT2*`` names (``Conv1D`` weights need no transpose)."""
+    W, ln, L = weights.WeightSpec, weights.layer_norm, f"transformer.h.{weights.LAYER}"
+    lay = ("model", "h")
+    specs = [W(("model", "wte", "embedding"), "transformer.wte.weight"),
+             W(("model", "wpe", "embedding"), "transformer.wpe.weight")]
+    specs += ln(("model", "ln_f"), "transformer.ln_f")
+    for norm in ("ln_1", "ln_2"):
+        specs += ln(lay + (norm,), f"{L}.{norm}")
+    for mod, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+        specs += [W(lay + (mod, name, "kernel"), f"{L}.{mod}.{name}.weight"),
+                  W(lay + (mod, name, "bias"), f"{L}.{mod}.{name}.bias")]
+    if head == "causal_lm" and not cfg.tie_embeddings:
+        specs += weights.linear(("lm_head",), "lm_head", False)
+    elif head == "sequence_classification":
+        specs += weights.linear(("score",), "score", False)
+    elif head == "token_classification":
+        specs += weights.linear(("score",), "classifier", True)
+    return specs
+
+
+_HF_KEYS = dict(vocab_size="vocab_size", hidden_size="n_embd", intermediate_size="n_inner",
+                num_layers="n_layer", num_heads="n_head", max_position_embeddings="n_positions",
+                activation="activation_function", layer_norm_eps="layer_norm_epsilon",
+                initializer_range="initializer_range", tie_embeddings="tie_word_embeddings",
+                pad_token_id="pad_token_id", bos_token_id="bos_token_id",
+                eos_token_id="eos_token_id", model_type="model_type")
+_UNSUPPORTED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
+
+
+def from_hf_config(hf: dict[str, Any]) -> GPT2Config:
+    """A ``GPT2Config`` from a transformers ``config.json`` dict."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'gpt2'")
+    bad = [k for k in _UNSUPPORTED if hf.get(k)] + ([] if hf.get("scale_attn_weights", True)
+                                                   else ["scale_attn_weights=False"])
+    if bad:
+        raise NotImplementedError(f"GPT-2 options {bad} are not supported")
+    return GPT2Config(**{ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf})
+
+
+def to_hf_config(cfg: GPT2Config) -> dict[str, Any]:
+    """A transformers ``config.json`` dict (without ``architectures``) for ``cfg``."""
+    return {theirs: getattr(cfg, ours) for ours, theirs in _HF_KEYS.items()}
