@@ -30,6 +30,9 @@ def setup_environment() -> None:
 
 def run(main) -> None:
     """``absl.app.run`` with config-name resolution."""
-    from absl import app
+    from absl import app, logging
+
     setup_environment()
+    if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every array write at INFO
     app.run(main, argv=resolve_config_arg(sys.argv))

@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
         min_lr_ratio=0.0,
         grad_clip=1.0,  # global-norm clipping; 0 disables
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Axis sizes (one may be -1 = the rest); num_devices > 0 uses only the first N devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=50,
         keep=3,

@@ -86,7 +86,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     """Mesh -> checks -> data -> model (born sharded) -> method -> split."""
     if config.model.head not in LOSS_KINDS:
         raise ConfigError(f"config.model.head={config.model.head!r}; choose from {sorted(LOSS_KINDS)}")
-    mesh = sharding.make_mesh(dict(config.mesh))
+    sizes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
+    devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
+    mesh = sharding.make_mesh(sizes, devices)
     check_batch(config, mesh)
     # Data first when the tokenizer is known without the model: the label count sizes the head.
     source = tokenizer_source(config)

@@ -69,10 +69,14 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: A
     return optax.chain(*parts)
 
 
+def _is_injected(part: Any) -> bool:
+    return hasattr(part, "hyperparams") and hasattr(part, "inner_state")
+
+
 def peak_learning_rate(opt_state: Any) -> Any:
     """The injected peak learning rate inside a ``make_optimizer`` state."""
     for part in opt_state:
-        if isinstance(part, optax.InjectHyperparamsState):
+        if _is_injected(part):
             return part.hyperparams["learning_rate"]
     raise ValueError("optimizer state has no injected learning rate")
 
@@ -81,7 +85,7 @@ def set_hyperparams(opt_state: Any, **values: float) -> Any:
     """Return ``opt_state`` with injected hyper-parameters replaced (no recompilation)."""
     out = []
     for part in opt_state:
-        if isinstance(part, optax.InjectHyperparamsState):
+        if _is_injected(part):
             hp = dict(part.hyperparams)
             for k, v in values.items():
                 if k not in hp:

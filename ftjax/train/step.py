@@ -108,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             grads = jax.tree.map(jnp.add, grads, reg_grads)
         if grad_mask_fn is not None:
             grads = grad_mask_fn(grads, state.step)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         lr = optim.peak_learning_rate(opt_state)
