@@ -110,7 +110,6 @@ def make_batch(rows: Rows, index: np.ndarray, length: int, pad_id: int,
     safe = np.where(real, index, 0)
     for k in keys:
         if k in rows.scalars and k not in out:
-            out[k] = np.where(real, rows.scalars[k][safe], 0).astype(np.int32) if len(rows) else \
-                np.zeros(b, np.int32)
+            out[k] = np.where(real, rows.scalars[k][safe], 0).astype(np.int32)
     out["example_mask"] = real.astype(np.float32)
     return out

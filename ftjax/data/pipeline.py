@@ -117,7 +117,7 @@ class Pipeline:
     def train_iterator(self, batch_size: int) -> "TrainIterator":
         return TrainIterator(self, batch_size)
 
-    def _train_batch(self, picks: list[tuple[int, int]], ) -> dict[str, np.ndarray]:
+    def _train_batch(self, picks: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """``picks`` = the global batch as (task, row); returns this process's slice."""
         rows = self._rows["train"]
         longest = max(len(rows[t].tokens["input_ids"][r]) for t, r in picks)
