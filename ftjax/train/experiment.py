@@ -14,7 +14,6 @@ import jax
 import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
-from transformers import AutoTokenizer
 
 from ftjax import models, peft, sharding
 from ftjax.data import pipeline
@@ -92,7 +91,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     check_batch(config, mesh)
     # Data first when the tokenizer is known without the model: the label count sizes the head.
     source = tokenizer_source(config)
-    tokenizer = AutoTokenizer.from_pretrained(source) if source else None
+    tokenizer = pipeline.load_tokenizer(config.data, source) if source else None
     pipe = _pipeline(config, tokenizer) if tokenizer is not None else None
     num_labels = config.model.num_labels or (pipe.info.num_labels if pipe else 0)
     model, model_tokenizer = models.create(config.model, mesh, num_labels=num_labels,
