@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax import sharding
-from ftjax.models import bert, gpt2, heads, llama
+from ftjax.models import bert, gemma, gpt2, heads, llama
 
 
 # head -> suffix of the transformers class name (a family may override, e.g. GPT2LMHeadModel).
@@ -72,6 +72,9 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.build, model_types=gpt2.HF_MODEL_TYPES,
                    hf_weight_map=gpt2.hf_weight_map, from_hf_config=gpt2.from_hf_config,
                    to_hf_config=gpt2.to_hf_config, hf_head_suffix=gpt2.HF_HEAD_SUFFIX),
+    "gemma": Family("gemma", gemma.GemmaConfig, gemma.build, model_types=gemma.HF_MODEL_TYPES,
+                    hf_weight_map=gemma.hf_weight_map, from_hf_config=gemma.from_hf_config,
+                    to_hf_config=gemma.to_hf_config),
 }
 
 
@@ -100,6 +103,22 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gpt2": ("gpt2", dict(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
                                max_position_embeddings=512)),
     "gpt2": ("gpt2", dict()),
+    "tiny-gemma2": ("gemma", dict(vocab_size=256000, hidden_size=64, intermediate_size=128,
+                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                  query_pre_attn_scalar=16, attn_logit_softcap=50.0,
+                                  final_logit_softcap=30.0, sliding_window=64,
+                                  layer_types=gemma.layer_pattern(2, 2), model_type="gemma2")),
+    "gemma-2b": ("gemma", dict()),
+    "gemma2-9b": ("gemma", dict(hidden_size=3584, intermediate_size=14336, num_layers=42,
+                                num_heads=16, num_kv_heads=8, query_pre_attn_scalar=256,
+                                attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                                sliding_window=4096, layer_types=gemma.layer_pattern(42, 2),
+                                model_type="gemma2")),
+    "gemma3-1b": ("gemma", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                num_layers=26, num_heads=4, num_kv_heads=1, rope_theta=1e6,
+                                rope_local_theta=1e4, query_pre_attn_scalar=256,
+                                sliding_window=512, layer_types=gemma.layer_pattern(26, 6),
+                                max_position_embeddings=32768, model_type="gemma3_text")),
     "all-minilm-l6": ("bert", dict(hidden_size=384, intermediate_size=1536, num_layers=6)),
     "roberta-base": ("bert", dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                                   layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
