@@ -48,7 +48,7 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, record_property):
     expected = torch_logits(ref, ids, mask)
     got = ftjax_logits(model, ids, mask)
     assert np.abs(expected).max() > 5  # real logits, not a degenerate model
-    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=5e-4, rtol=0)  # measured 1.2e-4
 
 
 @pytest.mark.slow

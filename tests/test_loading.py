@@ -125,3 +125,35 @@ def test_sharded_export_loads_everywhere(llama_dir, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, ids, mask)[keep], ref, atol=1e-5, rtol=0)
     again, _ = from_pretrained(out, mesh=one_device_mesh())
     np.testing.assert_allclose(ftjax_logits(again, ids, mask)[keep], ref, atol=1e-4, rtol=0)
+
+
+LLAMA32_1B_CONFIG = {  # published config.json (legacy rope keys, as on the hub)
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "bos_token_id": 128000,
+    "eos_token_id": 128001, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
+                                             "low_freq_factor": 1.0, "rope_type": "llama3",
+                                             "original_max_position_embeddings": 8192}}
+QWEN25_7B_CONFIG = {
+    "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 131072, "use_sliding_window": False,
+    "max_window_layers": 28, "tie_word_embeddings": False, "bos_token_id": 151643,
+    "eos_token_id": 151643}
+
+
+@pytest.mark.parametrize("config,preset", [(LLAMA32_1B_CONFIG, "llama3-1b"),
+                                           (QWEN25_7B_CONFIG, "qwen2.5-7b")])
+def test_published_configs_map_to_presets(config, preset):
+    from ftjax.models import llama, registry
+    _, expected = registry.get_preset(preset)
+    got = llama.from_hf_config(config)
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "rope_theta", "tie_embeddings", "attention_bias", "sliding_window",
+              "qk_norm")
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(expected, f) for f in fields}
+    assert got.resolved_head_dim == expected.resolved_head_dim
+    assert got.rope_scaling_dict == expected.rope_scaling_dict
+    assert llama.from_hf_config(llama.to_hf_config(got)) == got

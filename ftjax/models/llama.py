@@ -225,12 +225,15 @@ def from_hf_config(d: dict) -> LlamaConfig:
         raise NotImplementedError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
     theta, scaling = _hf_rope(d)
     eos = d.get("eos_token_id")
+    head_dim = d.get("head_dim")  # kept only when it differs from hidden_size // num_heads
+    if head_dim == d["hidden_size"] // d["num_attention_heads"]:
+        head_dim = None
     return LlamaConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"],
         num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d.get("head_dim"), rope_theta=theta, rope_scaling=scaling,
+        head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_embeddings=d.get("tie_word_embeddings", False),
         attention_bias=True if model_type == "qwen2" else d.get("attention_bias", False),
