@@ -157,3 +157,23 @@ def test_published_configs_map_to_presets(config, preset):
     assert got.resolved_head_dim == expected.resolved_head_dim
     assert got.rope_scaling_dict == expected.rope_scaling_dict
     assert llama.from_hf_config(llama.to_hf_config(got)) == got
+
+
+@pytest.mark.parametrize("saved,head", [("BertModel", "sequence_classification"),
+                                        ("BertForSequenceClassification", "encoder")])
+def test_base_model_prefix_is_added_or_stripped(tmp_path, saved, head):
+    """transformers' rule: a bare ``BertModel`` checkpoint loads under a head and vice versa."""
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, num_labels=2)
+    torch.manual_seed(0)
+    ref = getattr(transformers, saved)(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    model, _ = from_pretrained(tmp_path, head=head, num_labels=2, mesh=one_device_mesh())
+    ids = np.array([[2, 5, 7, 9, 4], [3, 8, 6, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    backbone = ref if saved == "BertModel" else ref.bert
+    with torch.no_grad():
+        want = backbone(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    encoder = model if head == "encoder" else model.model
+    got = np.asarray(encoder(ids, mask))
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-5)

@@ -145,6 +145,41 @@ def _read(source: TensorSource, spec: weights.WeightSpec, names: list[str],
     return out
 
 
+# Base-model prefixes transformers adds or strips when a bare backbone checkpoint (e.g.
+# all-MiniLM-L6-v2, saved as ``BertModel``) is loaded with a head, or the reverse.
+BASE_PREFIXES = ("bert.", "roberta.", "model.", "transformer.")
+
+
+class RenamedSource:
+    """A view of a source under the names the model expects."""
+
+    def __init__(self, source: TensorSource, expected_to_stored: dict[str, str]):
+        self.source, self.mapping = source, expected_to_stored
+        stored = set(expected_to_stored.values())
+        self._names = [n for n in source.names() if n not in stored] + list(expected_to_stored)
+
+    def names(self) -> Iterable[str]:
+        return self._names
+
+    def get(self, name: str) -> np.ndarray:
+        return self.source.get(self.mapping.get(name, name))
+
+
+def align_prefix(source: TensorSource, expected: Iterable[str]) -> TensorSource:
+    """Apply transformers' base-model prefix rule: add or strip ``bert.``/``model.``/... ."""
+    available = set(source.names())
+    mapping = {}
+    for name in expected:
+        if name in available:
+            continue
+        for prefix in BASE_PREFIXES:
+            if name.startswith(prefix) and name[len(prefix):] in available:
+                mapping[name] = name[len(prefix):]
+            elif prefix + name in available:
+                mapping[name] = prefix + name
+    return RenamedSource(source, mapping) if mapping else source
+
+
 def _is_head(spec: weights.WeightSpec) -> bool:
     return spec.path[0] != "model"
 
@@ -183,6 +218,7 @@ def load_weights(family: registry.Family, cfg: Any, head: str, num_labels: int,
     targets = dict(nnx.to_flat_state(sharding.state_shardings(abstract, mesh)))
     specs = family.hf_weight_map(cfg, head)
     num_layers = next((flat[s.path].get_value().shape[0] for s in specs if s.stacked), 0)
+    source = align_prefix(source, [n for s in specs for n in expand(s, num_layers)])
     fresh = _check_names(family, cfg, head, specs, num_layers, set(source.names()), where)
 
     for spec in specs:
@@ -226,7 +262,7 @@ def _config(d: dict, head: str, num_labels: int, dtype: str, param_dtype: str,
     family = registry.family_for_model_type(d.get("model_type", "<missing>"))
     cfg = family.from_hf_config(d)
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
-    if head != "causal_lm" and not num_labels:
+    if head not in ("causal_lm", "encoder", "masked_lm") and not num_labels:
         num_labels = len(d.get("id2label") or {})
         if not num_labels:
             raise ValueError(f"head {head!r} needs num_labels (the checkpoint does not say)")
