@@ -8,6 +8,7 @@ step, RNG and the data iterator's position), so an interrupted run continues exa
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 from pathlib import Path
@@ -118,6 +119,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     flops_per_token = None
     peak = peak_flops_per_device()
     last_eval: dict = {}
+    best: dict[str, Any] = {}
+    run_start, tokens_seen = time.time(), 0
     with _Preemption() as preempt:
         log.start(start)
         window_start, window_tokens, first_step_time = time.time(), 0, None
@@ -128,6 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 flops_per_token = train_flops_per_token(exp.model, seq_len)
             state, metrics = step_fn(state, exp.frozen, batch)
             window_tokens += batch["input_ids"].size
+            tokens_seen += batch["input_ids"].size
             done = step + 1
             if first_step_time is None:
                 jax.block_until_ready(state)
@@ -150,6 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             if eval_now:
                 eval_metrics = last_eval = evaluate()
                 log.log(done, _scalars(eval_metrics), prefix="eval")
+                best = _better(best, done, eval_metrics, config.eval)
             stop = preempt.should_stop()
             if eval_now or done % config.checkpoint.every_steps == 0 or stop or final:
                 ckpt.save(done, state, train_iter.get_state(),
@@ -163,10 +168,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         if main:
             write_eval(workdir, last_eval, int(state.step))
             log.info(format_table(last_eval))
+    if main:
+        summary = dict(
+            steps=int(state.step), resumed_from_step=start, trainable_params=exp.num_trainable,
+            total_params=exp.num_total, tokens_seen=tokens_seen,
+            train_flops=float(tokens_seen * (flops_per_token or 0.0)),
+            wall_time_s=time.time() - run_start, first_step_s=first_step_time,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            final=_scalars(last_eval), best=best)
+        (workdir / "run_summary.json").write_text(json.dumps(summary, indent=2))
     ckpt.wait()
     ckpt.close()
     log.close()
     return last_eval
+
+
+def _better(best: dict, step: int, metrics: dict, eval_cfg: ml_collections.ConfigDict) -> dict:
+    """Keep the best eval so far by ``eval.best_metric`` / ``eval.best_mode``."""
+    value = metrics.get(eval_cfg.best_metric)
+    if value is None:
+        return best
+    if not best or (value < best["value"] if eval_cfg.best_mode == "min" else value > best["value"]):
+        return {"step": step, "metric": eval_cfg.best_metric, "value": float(value)}
+    return best
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
