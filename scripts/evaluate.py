@@ -19,19 +19,25 @@ def main(argv):
     del argv
     from ftjax.eval.loop import Evaluator
     from ftjax.eval.metrics import format_table
+    from ftjax.eval.plots import save_confusion_matrix
     from ftjax.train.loop import load_trained, write_eval
 
     config = _CONFIG.value
     exp, step = load_trained(config, _WORKDIR.value, _CHECKPOINT.value)
     if not exp.pipe.has_eval:
         raise SystemExit("the config has no eval split (config.data); nothing to evaluate")
-    evaluator = Evaluator(exp.graphdef, exp.mesh, kind=exp.kind, num_labels=exp.pipe.info.num_labels,
-                          label_names=exp.pipe.info.label_names)
+    evaluator = Evaluator.for_experiment(exp)
     metrics = evaluator.run(exp.params, exp.frozen, exp.pipe.eval_batches(config.eval.batch_size),
                             max_batches=config.eval.max_batches)
     if jax.process_index() == 0:
-        write_eval(Path(_WORKDIR.value), metrics, step)
+        workdir = Path(_WORKDIR.value)
+        write_eval(workdir, metrics, step)
         print(f"checkpoint step {step}\n{format_table(metrics)}")
+        if "confusion_matrix" in metrics:
+            png = save_confusion_matrix(metrics["confusion_matrix"], exp.pipe.info.label_names,
+                                        workdir / "eval" / "confusion_matrix.png",
+                                        title=f"{config.data.task}, step {step}")
+            print(f"wrote {workdir / 'eval' / 'metrics.json'} and {png}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,16 @@
 """The jitted eval pass: per-batch sums and confusion matrices accumulated on device.
 
-Nothing leaves the device until the whole split has been seen; the host then turns the sums
-into metrics once.
+One step per batch adds to on-device sums; the host turns them into metrics once, at the end.
+Kinds (``Evaluator(kind=...)``):
+
+* ``lm``: loss, perplexity and bits per byte (UTF-8 bytes of the targets summed on device).
+* ``lm`` with ``choices=True`` (text-to-text classification): every label's verbaliser is scored
+  by its summed log-likelihood in one forward pass over ``[B*C, T]``; the best-scoring allowed
+  label is the prediction and feeds the same confusion matrix as a classifier head.
+* ``classification``: a classifier head's argmax.
+* ``token``: the token-level confusion matrix, plus CoNLL entity P/R/F1 when the tags are
+  BIO/IOBES; entity spans need the tag sequences, so predictions are gathered per batch
+  (left on device until the end) and the spans are read on host once.
 """
 
 from __future__ import annotations
@@ -12,38 +21,83 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import sharding
+from ftjax.eval import entities as entities_lib
 from ftjax.eval import metrics as metrics_lib
-from ftjax.train.step import IGNORE, loss_terms, model_inputs
+from ftjax.eval.byte_counts import token_byte_lengths
+from ftjax.train.step import IGNORE, cross_entropy, loss_terms, model_inputs
+
+KINDS = ("lm", "classification", "token")
+_CHOICE_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
 
-def _init_acc(kind: str, num_labels: int) -> dict[str, jax.Array]:
+def choice_log_likelihoods(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+    """Summed log-likelihood ``[B, C]`` of every option's target tokens (``choice_*`` ``[B, C, T]``)."""
+    b, c, t = batch["choice_input_ids"].shape
+    flat = {k: batch[f"choice_{k}"].reshape(b * c, t) for k in _CHOICE_KEYS}
+    logits = model(**model_inputs(flat))
+    nll = cross_entropy(logits, flat["targets"]) * flat["loss_mask"]
+    return -nll.sum(-1).reshape(b, c)
+
+
+def _confusion(labels: jax.Array, preds: jax.Array, weights: jax.Array, n: int) -> jax.Array:
+    return jnp.zeros((n, n), jnp.float32).at[
+        jnp.clip(labels, 0, n - 1).ravel(), preds.ravel()].add(weights.ravel())
+
+
+def _init_acc(kind: str, num_labels: int, choices: bool) -> dict[str, jax.Array]:
     acc = {"nll": jnp.zeros((), jnp.float32), "weight": jnp.zeros((), jnp.float32)}
-    if kind in ("classification", "token"):
+    if kind in ("classification", "token") or choices:
         acc["confusion"] = jnp.zeros((num_labels, num_labels), jnp.float32)
+    if kind == "lm" and not choices:
+        acc["bytes"] = jnp.zeros((), jnp.float32)
     return acc
 
 
-def make_eval_step(graphdef: nnx.GraphDef, kind: str, num_labels: int):
-    """``step(params, frozen, batch, acc) -> acc`` adding one batch's sums to ``acc``."""
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: int, *,
+                   choices: bool = False, byte_lengths: np.ndarray | None = None,
+                   gather_tags: bool = False):
+    """``step(params, frozen, batch, acc, option_bias) -> (acc, tags)`` for one batch.
 
-    def step(params, frozen, batch, acc):
+    ``option_bias`` ``[C]`` (or None) is subtracted from the choice log-likelihoods before the
+    argmax (contextual calibration). ``tags`` holds replicated token predictions, labels and
+    mask when ``gather_tags``; otherwise it is empty.
+    """
+    replicated = NamedSharding(mesh, P())
+    table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
+
+    def step(params, frozen, batch, acc, option_bias):
         model = nnx.merge(graphdef, params, frozen)
+        w = batch["example_mask"].astype(jnp.float32)
+        acc, tags = dict(acc), {}
+        if choices:
+            ll = choice_log_likelihoods(model, batch)
+            labels = jnp.clip(batch["labels"], 0, ll.shape[1] - 1)
+            gold_tokens = jnp.take_along_axis(batch["choice_loss_mask"].sum(-1), labels[:, None], 1)[:, 0]
+            acc["nll"] += -jnp.sum(jnp.take_along_axis(ll, labels[:, None], 1)[:, 0] * w)
+            acc["weight"] += jnp.sum(gold_tokens * w)
+            scores = ll if option_bias is None else ll - option_bias
+            preds = jnp.argmax(jnp.where(batch["choice_mask"] > 0, scores, -jnp.inf), -1)
+            acc["confusion"] += _confusion(batch["labels"], preds, w, num_labels)
+            return acc, tags
         logits = model(**model_inputs(batch))
         total, weight, _ = loss_terms(logits, batch, kind)
-        acc = dict(acc, nll=acc["nll"] + total, weight=acc["weight"] + weight)
+        acc["nll"] += total
+        acc["weight"] += weight
+        if kind == "lm" and table is not None:
+            lengths = jnp.take(table, batch["targets"], mode="fill", fill_value=0.0)
+            acc["bytes"] += jnp.sum(lengths * batch["loss_mask"])
         if kind in ("classification", "token"):
-            labels = batch["labels"]
-            w = batch["example_mask"].astype(jnp.float32)
+            labels, preds = batch["labels"], jnp.argmax(logits, -1)
             if kind == "token":
                 w = w[:, None] * ((labels != IGNORE) & (batch["segment_ids"] > 0))
-            preds = jnp.argmax(logits, -1)
-            cm = jnp.zeros((num_labels, num_labels), jnp.float32).at[
-                jnp.clip(labels, 0, num_labels - 1).ravel(), preds.ravel()].add(w.ravel())
-            acc["confusion"] = acc["confusion"] + cm
-        return acc
+            acc["confusion"] += _confusion(labels, preds, w, num_labels)
+            if gather_tags:
+                tags = jax.lax.with_sharding_constraint(
+                    dict(pred=preds.astype(jnp.int32), true=labels, mask=w > 0), replicated)
+        return acc, tags
 
     return step
 
@@ -52,22 +106,66 @@ class Evaluator:
     """Compiles the eval step once and runs full passes over a split."""
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, *, kind: str, num_labels: int = 0,
-                 label_names: Sequence[str] | None = None):
-        self.mesh, self.kind, self.num_labels = mesh, kind, num_labels
-        self.label_names = label_names
-        self._step = jax.jit(make_eval_step(graphdef, kind, num_labels), donate_argnums=(3,))
+                 label_names: Sequence[str] | None = None, choices: bool = False,
+                 tokenizer: Any = None):
+        if kind not in KINDS:
+            raise ValueError(f"eval kind {kind!r}; choose from {KINDS}")
+        if choices and (kind != "lm" or not num_labels):
+            raise ValueError("choices=True scores verbalisers with a causal LM: kind='lm' and num_labels > 0")
+        self.mesh, self.kind, self.num_labels, self.choices = mesh, kind, num_labels, choices
+        self.label_names = list(label_names) if label_names is not None else None
+        self.entities = kind == "token" and entities_lib.is_entity_scheme(self.label_names or [])
+        byte_lengths = (token_byte_lengths(tokenizer)
+                        if kind == "lm" and not choices and tokenizer is not None else None)
+        self._step = jax.jit(make_eval_step(graphdef, mesh, kind, num_labels, choices=choices,
+                                            byte_lengths=byte_lengths, gather_tags=self.entities),
+                             donate_argnums=(3,))
+        self._score = jax.jit(
+            lambda params, frozen, batch: choice_log_likelihoods(nnx.merge(graphdef, params, frozen), batch))
+
+    @classmethod
+    def for_experiment(cls, exp: Any) -> "Evaluator":
+        """The evaluator of a built ``Experiment``: its kind, labels, tokenizer and task."""
+        info = exp.pipe.info
+        return cls(exp.graphdef, exp.mesh, kind=exp.kind, num_labels=info.num_labels,
+                   label_names=info.label_names, tokenizer=exp.tokenizer,
+                   choices=exp.kind == "lm" and info.task == "text_to_text")
+
+    def scores(self, params: Any, frozen: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-option summed log-likelihoods ``[B, C]`` of one ``choice_*`` batch."""
+        return np.asarray(jax.device_get(self._score(params, frozen, sharding.shard_batch(batch, self.mesh))))
 
     def run(self, params: Any, frozen: Any, batches: Iterable[dict[str, np.ndarray]],
-            max_batches: int = 0) -> dict:
-        acc = _init_acc(self.kind, self.num_labels)
+            max_batches: int = 0, option_bias: np.ndarray | None = None) -> dict:
+        """One pass over ``batches``; ``option_bias`` [C] calibrates choice scores (see make_eval_step)."""
+        acc = _init_acc(self.kind, self.num_labels, self.choices)
+        bias = None if option_bias is None else jnp.asarray(option_bias, jnp.float32)
+        gathered = []
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            acc = self._step(params, frozen, sharding.shard_batch(batch, self.mesh), acc)
+            acc, tags = self._step(params, frozen, sharding.shard_batch(batch, self.mesh), acc, bias)
+            if tags:
+                gathered.append(tags)
         host = jax.device_get(acc)
-        loss = metrics_lib.lm_metrics(float(host["nll"]), float(host["weight"]))
-        if self.kind == "lm":
+        loss = metrics_lib.lm_metrics(float(host["nll"]), float(host["weight"]),
+                                      float(host.get("bytes", 0.0)) or None)
+        if "confusion" not in host:
             return loss
         out = metrics_lib.classification_metrics(host["confusion"], self.label_names)
         out["loss"] = loss["loss"]
+        if self.choices:
+            out["perplexity"] = loss["perplexity"]
+        if self.entities:
+            out.update(self._entity_metrics(jax.device_get(gathered)))
         return out
+
+    def _entity_metrics(self, gathered: list[dict[str, np.ndarray]]) -> dict:
+        names = self.label_names
+        true, pred = [], []
+        for tags in gathered:
+            for t, p, m in zip(tags["true"], tags["pred"], tags["mask"]):
+                if m.any():
+                    true.append([names[i] for i in t[m]])
+                    pred.append([names[i] for i in p[m]])
+        return entities_lib.entity_metrics(true, pred)

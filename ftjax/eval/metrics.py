@@ -71,9 +71,11 @@ def format_table(metrics: dict) -> str:
     """A readable console table of the scalar metrics and the per-class rows."""
     lines = [f"{k:>20s}  {v:.4f}" if isinstance(v, float) else f"{k:>20s}  {v}"
              for k, v in metrics.items() if isinstance(v, (int, float))]
-    if "per_class" in metrics:
-        lines.append(f"{'label':>20s}  {'prec':>6s} {'rec':>6s} {'f1':>6s} {'support':>7s}")
-        for row in metrics["per_class"]:
+    for key, header in (("per_class", "label"), ("entity_per_type", "entity")):
+        if key not in metrics:
+            continue
+        lines.append(f"{header:>20s}  {'prec':>6s} {'rec':>6s} {'f1':>6s} {'support':>7s}")
+        for row in metrics[key]:
             lines.append(f"{row['label']:>20s}  {row['precision']:6.3f} {row['recall']:6.3f} "
                          f"{row['f1']:6.3f} {row['support']:7d}")
     return "\n".join(lines)

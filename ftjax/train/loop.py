@@ -108,8 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         log.info(f"resumed from {workdir / 'checkpoints'} at step {start}")
     start = int(state.step)
 
-    evaluator = Evaluator(exp.graphdef, exp.mesh, kind=exp.kind,
-                          num_labels=exp.pipe.info.num_labels, label_names=exp.pipe.info.label_names)
+    evaluator = Evaluator.for_experiment(exp)
 
     def evaluate() -> dict:
         return evaluator.run(state.params, exp.frozen,
