@@ -25,9 +25,18 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",  # none | full | dots | dots_no_batch
         allow_pickle=False,  # opt-in for pickled torch .bin checkpoints
         overrides=ml_collections.ConfigDict(),  # architecture overrides for presets
+        init_from="",  # a previous run's workdir: its trained weights start this run
     ))
     c.method = ml_collections.ConfigDict(dict(kind="full"))
     c.data = data_config()
+    # Against forgetting: loss += strength / 2 * sum(F * (theta - theta_start) ** 2) over the
+    # trainable params; F = 1 for l2sp, the diagonal empirical Fisher for ewc.
+    c.regularizer = ml_collections.ConfigDict(dict(
+        kind="none",  # none | l2sp | ewc
+        strength=0.0,
+        fisher_tasks=[],  # ewc: mixture tasks whose train rows estimate F ([] = every task)
+        fisher_examples=128,  # ewc: examples per task in the estimate
+    ))
     c.train = ml_collections.ConfigDict(dict(
         steps=100,
         batch_size=8,  # global batch (examples per optimizer step)

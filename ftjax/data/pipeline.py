@@ -25,6 +25,7 @@ class DataInfo:
     num_tasks: int
     task_names: list[str]
     pad_id: int
+    label_offsets: list[int]  # task t owns label ids label_offsets[t]:label_offsets[t + 1]
 
 
 def task_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -73,7 +74,8 @@ class Pipeline:
         label_names = [f"{n}:{x}" if len(names) > 1 else x for n, p in prepared.items() for x in p.label_names]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.info = DataInfo(task=cfg.task, num_labels=len(label_names), label_names=label_names,
-                             num_tasks=len(names), task_names=names, pad_id=int(pad or 0))
+                             num_tasks=len(names), task_names=names, pad_id=int(pad or 0),
+                             label_offsets=[int(o) for o in self._offsets])
         self.report = {n: p.report for n, p in prepared.items()} if len(names) > 1 else prepared[names[0]].report
         self._rows = {split: self._split_rows(split) for split in ("train", "eval")
                       if all(split in p.examples for p in prepared.values())}
@@ -125,7 +127,15 @@ class Pipeline:
         local = picks[self._local(len(picks))]
         parts = [packing.make_batch(rows[t], np.asarray([r]), length, self.info.pad_id, self._keys("train"))
                  for t, r in local]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._with_label_mask({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    def _with_label_mask(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Multi-task classification: ``label_mask [B, num_labels]`` is True on each row's own
+        task's labels, so the shared head (sized to the union of labels) acts as one head per task."""
+        if self.info.num_tasks > 1 and self.cfg.task in ("classification", "pair_classification"):
+            task, label = batch["task_id"][:, None], np.arange(self.info.num_labels)[None]
+            batch["label_mask"] = (label >= self._offsets[task]) & (label < self._offsets[task + 1])
+        return batch
 
     # ------------------------------------------------------------------------- eval
 
@@ -145,7 +155,7 @@ class Pipeline:
             batch = packing.make_batch(rows, index, length, self.info.pad_id, keys)
             if self.cfg.task == "text_to_text":
                 batch.update(self._choices(rows, index))
-            yield batch
+            yield self._with_label_mask(batch)
 
     def verbalizer_ids(self) -> list[list[int]]:
         """Token ids of every label's answer (``' ' + verbaliser + EOS``), in label-id order."""

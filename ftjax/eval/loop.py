@@ -27,7 +27,7 @@ from ftjax import sharding
 from ftjax.eval import entities as entities_lib
 from ftjax.eval import metrics as metrics_lib
 from ftjax.eval.byte_counts import token_byte_lengths
-from ftjax.train.step import IGNORE, cross_entropy, loss_terms, model_inputs
+from ftjax.train.step import IGNORE, cross_entropy, loss_terms, model_inputs, restrict_to_task
 
 KINDS = ("lm", "classification", "token")
 _CHOICE_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
@@ -82,7 +82,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
             preds = jnp.argmax(jnp.where(batch["choice_mask"] > 0, scores, -jnp.inf), -1)
             acc["confusion"] += _confusion(batch["labels"], preds, w, num_labels)
             return acc, tags
-        logits = model(**model_inputs(batch))
+        logits = restrict_to_task(model(**model_inputs(batch)), batch)
         total, weight, _ = loss_terms(logits, batch, kind)
         acc["nll"] += total
         acc["weight"] += weight

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from ftjax import models, peft, sharding
 from ftjax.data import pipeline
 from ftjax.models.registry import count_params
+from ftjax.train import warm_start
 from ftjax.train.step import LOSS_KINDS
 
 
@@ -82,7 +83,7 @@ def _pipeline(config: ml_collections.ConfigDict, tokenizer: Any) -> Any:
 
 
 def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Mesh -> checks -> data -> model (born sharded) -> method -> split."""
+    """Mesh -> checks -> data -> model (born sharded) -> method -> split (-> init_from weights)."""
     if config.model.head not in LOSS_KINDS:
         raise ConfigError(f"config.model.head={config.model.head!r}; choose from {sorted(LOSS_KINDS)}")
     sizes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
@@ -104,6 +105,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         pipe = _pipeline(config, tokenizer)
     model, trainable = peft.apply_method(model, config.method)
     graphdef, params, frozen = nnx.split(model, trainable, ...)
+    if config.model.init_from:
+        params, frozen = warm_start.restore_trained(params, frozen, config.model.init_from)
+        nnx.update(model, params, frozen)
     return Experiment(config=config, mesh=mesh, model=model, tokenizer=tokenizer, pipe=pipe,
                       graphdef=graphdef, params=params, frozen=frozen,
                       kind=LOSS_KINDS[config.model.head])

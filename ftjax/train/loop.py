@@ -21,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from ftjax import distributed, sharding
+from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
-from ftjax.train import optim
+from ftjax.train import optim, regularizers
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
 from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
@@ -94,7 +95,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     frozen_sharding = jax.tree.map(lambda x: x.sharding, exp.frozen)
     step_fn = jax.jit(
         make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
-                        schedule=optim.schedule_shape(t)),
+                        schedule=optim.schedule_shape(t),
+                        extra_loss_fn=regularizers.from_config(config, exp),
+                        num_tasks=exp.pipe.info.num_tasks),
         in_shardings=(state_sharding, frozen_sharding, None),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
 
@@ -111,9 +114,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     evaluator = Evaluator.for_experiment(exp)
 
     def evaluate() -> dict:
-        return evaluator.run(state.params, exp.frozen,
-                             exp.pipe.eval_batches(config.eval.batch_size),
-                             max_batches=config.eval.max_batches)
+        return eval_tasks.evaluate(evaluator, state.params, exp.frozen, exp.pipe,
+                                   config.eval.batch_size, config.eval.max_batches)
 
     flops_per_token = None
     peak = peak_flops_per_device()
@@ -138,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 log.info(f"first step (trace + compile + run) took {first_step_time:.2f}s")
                 window_start, window_tokens = time.time(), 0
             if done % config.log.every_steps == 0 or done == t.steps:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = eval_tasks.host_train_metrics(jax.device_get(metrics), exp.pipe.info.task_names)
                 elapsed = time.time() - window_start
                 if window_tokens and elapsed > 0:
                     host["tokens_per_sec"] = window_tokens / elapsed

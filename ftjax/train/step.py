@@ -45,9 +45,21 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return logz - picked
 
 
-def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str
+def restrict_to_task(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Multi-task classification: only the row's own task's labels (``label_mask``) can win."""
+    if "label_mask" not in batch:
+        return logits
+    return jnp.where(batch["label_mask"], logits, jnp.finfo(logits.dtype).min)
+
+
+def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str, num_tasks: int = 0
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(sum of losses, sum of weights, number of correct predictions) for one batch."""
+    """(sum of losses, sum of weights, number of correct predictions) for one batch.
+
+    With ``num_tasks`` > 1 each is a ``[num_tasks]`` vector of sums over the rows of each
+    ``task_id``.
+    """
+    logits = restrict_to_task(logits, batch)
     if kind == "lm":
         labels, weights = batch["targets"], batch["loss_mask"].astype(jnp.float32)
     elif kind == "classification":
@@ -60,31 +72,37 @@ def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str
         raise ValueError(f"unknown loss kind {kind!r}")
     nll = cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
+    terms = (nll * weights, weights, correct * weights)
+    if num_tasks <= 1:
+        return tuple(jnp.sum(x) for x in terms)
+    return tuple(jax.ops.segment_sum(x.reshape(x.shape[0], -1).sum(1), batch["task_id"],
+                                     num_segments=num_tasks) for x in terms)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, kind: str,
                     grad_accum: int = 1,
                     schedule: Callable[[Any], Any] | None = None,
                     grad_mask_fn: Callable[[Any, jax.Array], Any] | None = None,
-                    extra_loss_fn: Callable[[Any], jax.Array] | None = None):
+                    extra_loss_fn: Callable[[Any], jax.Array] | None = None,
+                    num_tasks: int = 0):
     """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
 
     ``grad_mask_fn(grads, step)`` may zero gradients (gradual unfreezing); ``extra_loss_fn(params)``
-    adds a regulariser (e.g. L2-SP, EWC) to the mean loss.
+    adds a regulariser (e.g. L2-SP, EWC) to the mean loss. With ``num_tasks`` > 1 (a mixture) the
+    metrics add ``task_loss``, ``task_accuracy`` and ``task_weight``, each ``[num_tasks]``.
     """
 
     def loss_sum(params, frozen, micro):
         model = nnx.merge(graphdef, params, frozen)
         logits = model(**model_inputs(micro))
-        total, weight, correct = loss_terms(logits, micro, kind)
-        return total, (weight, correct)
+        total, weight, correct = loss_terms(logits, micro, kind, num_tasks)
+        return jnp.sum(total), (total, weight, correct)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
         if grad_accum == 1:
-            (total, (weight, correct)), grads = grad_fn(state.params, frozen, batch)
+            (_, (total, weight, correct)), grads = grad_fn(state.params, frozen, batch)
         else:
             # Micro-batch i takes rows i, i+A, i+2A, ... so every micro-batch stays evenly sharded.
             micro = jax.tree.map(
@@ -92,13 +110,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                 batch)
 
             def body(carry, mb):
-                (t, (w, c)), g = grad_fn(state.params, frozen, mb)
+                (_, (t, w, c)), g = grad_fn(state.params, frozen, mb)
                 acc_t, acc_w, acc_c, acc_g = carry
                 return (acc_t + t, acc_w + w, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (total, weight, correct, grads), _ = jax.lax.scan(
-                body, (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), zeros), micro)
+            sums = jnp.zeros((num_tasks,) if num_tasks > 1 else ())
+            (total, weight, correct, grads), _ = jax.lax.scan(body, (sums, sums, sums, zeros), micro)
+        per_task = dict(task_loss=total / jnp.maximum(weight, 1.0), task_weight=weight,
+                        task_accuracy=correct / jnp.maximum(weight, 1.0)) if num_tasks > 1 else {}
+        total, weight, correct = jnp.sum(total), jnp.sum(weight), jnp.sum(correct)
         denom = jnp.maximum(weight, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -115,7 +136,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         if schedule is not None:
             lr = lr * schedule(state.step)
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr, weight=weight,
-                       accuracy=correct / denom)
+                       accuracy=correct / denom, **per_task)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   rng=jax.random.fold_in(state.rng, state.step))
         return new_state, metrics
