@@ -68,6 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
         best_mode="min",  # min | max
         max_batches=0,  # 0 = the whole split
     ))
+    # In-context few-shot evaluation (scripts/incontext.py): demonstrations drawn by the data
+    # pipeline's k-shot sampler (config.data.kshot.seed, draws 0..draws-1), same template and
+    # verbalisers as task=text_to_text.
+    c.incontext = ml_collections.ConfigDict(dict(
+        k=1,  # demonstrations per label (0 = zero-shot)
+        draws=3,  # independent demonstration draws, reported as mean and std
+        calibrate=True,  # contextual calibration (Zhao et al. 2021), reported beside the raw scores
+        content_free=["N/A"],  # content-free inputs whose mean label probabilities are divided out
+        separator="\n\n",  # text between demonstrations and before the query
+        max_examples=0,  # first N eval examples (0 = all)
+        batch_size=8,  # eval examples per jitted call (each scores every label)
+    ))
     c.log = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True))
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="",  # explicit multi-process: host:port of process 0

@@ -142,13 +142,14 @@ def test_verbaliser_scoring_by_hand():
     ev = Evaluator(graphdef, _mesh(4), kind="lm", num_labels=3, choices=True)
     batch = _choice_batch(prompts, options, labels, allowed, length=12)
     np.testing.assert_allclose(ev.scores(params, rest, batch), ll, rtol=1e-5)
-    for b in (None, bias):
-        preds = np.argmax(np.where(allowed > 0, ll - (0 if b is None else b), -np.inf), -1)
-        m = ev.run(params, rest, [batch], option_bias=b)
-        np.testing.assert_array_equal(m["confusion_matrix"], skm.confusion_matrix(labels, preds, labels=range(3)))
-        gold = ll[np.arange(16), labels]
-        tokens = np.array([len(options[y]) for y in labels])
-        assert m["loss"] == pytest.approx(-gold.sum() / tokens.sum(), rel=1e-5)
+    m = ev.run(params, rest, [batch], option_bias=bias)
+    for got, b in ((m, 0.0), (m["calibrated"], bias)):
+        preds = np.argmax(np.where(allowed > 0, ll - b, -np.inf), -1)
+        np.testing.assert_array_equal(got["confusion_matrix"], skm.confusion_matrix(labels, preds, labels=range(3)))
+    assert not np.array_equal(m["confusion_matrix"], m["calibrated"]["confusion_matrix"])
+    gold = ll[np.arange(16), labels]
+    tokens = np.array([len(options[y]) for y in labels])
+    assert m["loss"] == pytest.approx(-gold.sum() / tokens.sum(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- bits per byte

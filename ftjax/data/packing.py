@@ -113,3 +113,28 @@ def make_batch(rows: Rows, index: np.ndarray, length: int, pad_id: int,
             out[k] = np.where(real, rows.scalars[k][safe], 0).astype(np.int32)
     out["example_mask"] = real.astype(np.float32)
     return out
+
+
+def choice_arrays(prompts: list[np.ndarray], options: list[list[int]], allowed: np.ndarray,
+                  buckets: list[int], pad_id: int) -> dict[str, np.ndarray]:
+    """Every prompt followed by every option, ``[B, C, T]``, loss on the option's tokens only.
+
+    ``allowed[b, c]`` = 1 where option ``c`` is a valid answer of row ``b`` (0 rows are padding).
+    """
+    length = bucket_for(max(len(p) for p in prompts) + max(len(o) for o in options), buckets)
+    b, c = len(prompts), len(options)
+    ids = np.full((b, c, length), pad_id, np.int32)
+    targets = np.zeros((b, c, length), np.int32)
+    mask = np.zeros((b, c, length), np.float32)
+    seg = np.zeros((b, c, length), np.int32)
+    for i, prompt in enumerate(prompts):
+        for j, option in enumerate(options):
+            seq = np.concatenate([prompt, option])
+            n, p = len(seq), len(prompt)
+            ids[i, j, :n], seg[i, j, :n] = seq, 1
+            targets[i, j, :n - 1] = seq[1:]
+            mask[i, j, p - 1:n - 1] = 1.0
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape) * (seg > 0)
+    return {"choice_input_ids": ids, "choice_segment_ids": seg, "choice_positions": positions.astype(np.int32),
+            "choice_targets": targets, "choice_loss_mask": mask,
+            "choice_mask": np.asarray(allowed, np.float32)}

@@ -163,28 +163,14 @@ class Pipeline:
                 for ids in encode.verbalizer_ids(c, self._tokenizer, p.labels)]
 
     def _choices(self, rows: packing.Rows, index: np.ndarray) -> dict[str, np.ndarray]:
-        options = self.verbalizer_ids()
         prompts = [rows.tokens["input_ids"][r][:rows.scalars["prompt_len"][r]] if r >= 0 else np.zeros(1, np.int32)
                    for r in index]
-        length = packing.bucket_for(max(len(p) for p in prompts) + max(len(o) for o in options), self.buckets)
-        b, c = len(index), len(options)
-        ids = np.full((b, c, length), self.info.pad_id, np.int32)
-        targets = np.zeros((b, c, length), np.int32)
-        mask = np.zeros((b, c, length), np.float32)
-        seg = np.zeros((b, c, length), np.int32)
-        allowed = np.zeros((b, c), np.float32)
-        for i, (r, prompt) in enumerate(zip(index, prompts)):
-            task = rows.scalars["task_id"][r] if r >= 0 else 0
-            allowed[i, self._offsets[task]:self._offsets[task + 1]] = 1.0 if r >= 0 else 0.0
-            for j, option in enumerate(options):
-                seq = np.concatenate([prompt, option])
-                n, p = len(seq), len(prompt)
-                ids[i, j, :n], seg[i, j, :n] = seq, 1
-                targets[i, j, :n - 1] = seq[1:]
-                mask[i, j, p - 1:n - 1] = 1.0
-        positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape) * (seg > 0)
-        return {"choice_input_ids": ids, "choice_segment_ids": seg, "choice_positions": positions.astype(np.int32),
-                "choice_targets": targets, "choice_loss_mask": mask, "choice_mask": allowed}
+        allowed = np.zeros((len(index), self.info.num_labels), np.float32)
+        for i, r in enumerate(index):
+            if r >= 0:
+                task = rows.scalars["task_id"][r]
+                allowed[i, self._offsets[task]:self._offsets[task + 1]] = 1.0
+        return packing.choice_arrays(prompts, self.verbalizer_ids(), allowed, self.buckets, self.info.pad_id)
 
 
 class TrainIterator:

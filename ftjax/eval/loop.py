@@ -61,9 +61,10 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
                    gather_tags: bool = False):
     """``step(params, frozen, batch, acc, option_bias) -> (acc, tags)`` for one batch.
 
-    ``option_bias`` ``[C]`` (or None) is subtracted from the choice log-likelihoods before the
-    argmax (contextual calibration). ``tags`` holds replicated token predictions, labels and
-    mask when ``gather_tags``; otherwise it is empty.
+    With ``option_bias`` ``[C]`` (contextual calibration) a second confusion matrix,
+    ``acc["calibrated"]``, counts the argmax of the choice log-likelihoods minus the bias, from
+    the same forward pass. ``tags`` holds replicated token predictions, labels and mask when
+    ``gather_tags``; otherwise it is empty.
     """
     replicated = NamedSharding(mesh, P())
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
@@ -78,9 +79,12 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
             gold_tokens = jnp.take_along_axis(batch["choice_loss_mask"].sum(-1), labels[:, None], 1)[:, 0]
             acc["nll"] += -jnp.sum(jnp.take_along_axis(ll, labels[:, None], 1)[:, 0] * w)
             acc["weight"] += jnp.sum(gold_tokens * w)
-            scores = ll if option_bias is None else ll - option_bias
-            preds = jnp.argmax(jnp.where(batch["choice_mask"] > 0, scores, -jnp.inf), -1)
+            allowed = batch["choice_mask"] > 0
+            preds = jnp.argmax(jnp.where(allowed, ll, -jnp.inf), -1)
             acc["confusion"] += _confusion(batch["labels"], preds, w, num_labels)
+            if option_bias is not None:
+                preds = jnp.argmax(jnp.where(allowed, ll - option_bias, -jnp.inf), -1)
+                acc["calibrated"] += _confusion(batch["labels"], preds, w, num_labels)
             return acc, tags
         logits = restrict_to_task(model(**model_inputs(batch)), batch)
         total, weight, _ = loss_terms(logits, batch, kind)
@@ -137,9 +141,15 @@ class Evaluator:
 
     def run(self, params: Any, frozen: Any, batches: Iterable[dict[str, np.ndarray]],
             max_batches: int = 0, option_bias: np.ndarray | None = None) -> dict:
-        """One pass over ``batches``; ``option_bias`` [C] calibrates choice scores (see make_eval_step)."""
+        """One pass over ``batches``; with ``option_bias`` [C] (choices only) the result also holds
+        ``calibrated``: the metrics of the bias-corrected predictions (see make_eval_step)."""
         acc = _init_acc(self.kind, self.num_labels, self.choices)
-        bias = None if option_bias is None else jnp.asarray(option_bias, jnp.float32)
+        bias = None
+        if option_bias is not None:
+            if not self.choices:
+                raise ValueError("option_bias calibrates verbaliser scores: it needs choices=True")
+            bias = jnp.asarray(option_bias, jnp.float32)
+            acc["calibrated"] = jnp.zeros_like(acc["confusion"])
         gathered = []
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
@@ -156,6 +166,8 @@ class Evaluator:
         out["loss"] = loss["loss"]
         if self.choices:
             out["perplexity"] = loss["perplexity"]
+        if "calibrated" in host:
+            out["calibrated"] = metrics_lib.classification_metrics(host["calibrated"], self.label_names)
         if self.entities:
             out.update(self._entity_metrics(jax.device_get(gathered)))
         return out

@@ -1,0 +1,36 @@
+"""SST-2 as text-to-text on SmolLM2-135M-Instruct: in-context few-shot (scripts/incontext.py)
+or k-shot fine-tuning (scripts/train.py with ``--config.data.kshot.k=K``) on the same template,
+verbalisers and k-shot draws.
+
+Variants: ``--config=configs/sst2_incontext.py:k=2,draws=5,max_examples=200``.
+"""
+
+from pathlib import Path
+
+from ftjax.config import base_config, finalize, parse_arg
+from ftjax.models.assets import smollm2_gguf_path
+
+ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, k=1, draws=3, max_examples=0, calibrate=True)
+    c = base_config()
+    c.model.source = str(smollm2_gguf_path())
+    c.data.task = "text_to_text"
+    c.data.format = "label_text"
+    c.data.train_path = str(ASSETS / "stsa.binary.train")
+    c.data.eval_path = str(ASSETS / "stsa.binary.dev")
+    c.data.seq_len = 128
+    c.data.label_names = ["negative", "positive"]
+    c.data.prompt_template = "Review: {text}\nSentiment:"
+    c.data.verbalizers = ["negative", "positive"]
+    c.incontext.k = a.k
+    c.incontext.draws = a.draws
+    c.incontext.max_examples = a.max_examples
+    c.incontext.calibrate = a.calibrate
+    c.train.steps = 100
+    c.train.batch_size = 8
+    c.train.learning_rate = 1e-5
+    c.eval.batch_size = 8
+    return finalize(c)
