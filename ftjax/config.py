@@ -7,6 +7,9 @@ Config files in ``configs/`` build on ``base_config()`` and return ``finalize(co
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import ml_collections
 
 from ftjax.data.config import data_config
@@ -93,6 +96,14 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Lock the config so unknown keys raise with a did-you-mean suggestion."""
     config.lock()
     return config
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a training run saved as ``workdir/config.json`` (written by the train loop), locked."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a training run?")
+    return finalize(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -1,0 +1,94 @@
+"""scripts/export.py on a freshly trained tiny run: the HF folder reloads in transformers with
+the same logits, the GGUF file reads back with the gguf package and transformers' GGUF loader,
+and every folder carries a model card with the run's metrics."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from ftjax.config import load_run_config
+from ftjax.models.assets import smollm2_gguf_path
+from ftjax.models.gguf_io import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """configs/tiny.py for 2 steps with SmolLM2's byte-level BPE tokenizer (GGUF needs BPE)."""
+    from configs.tiny import get_config
+    from ftjax.train.loop import train
+    workdir = tmp_path_factory.mktemp("run")
+    config = get_config("steps=2")
+    tokenizer_dir = workdir.parent / "tokenizer"  # the GGUF's tokenizer, saved once as a fast folder
+    load_tokenizer(smollm2_gguf_path()).save_pretrained(tokenizer_dir)
+    config.data.tokenizer = str(tokenizer_dir)
+    with config.unlocked():
+        config.model.overrides.vocab_size = 49152
+    config.mesh.num_devices = 1
+    config.eval.max_batches = 1
+    config.checkpoint.async_save = False
+    train(config, workdir)
+    return config, workdir
+
+
+def _ftjax_logits(workdir, ids):
+    from ftjax.train.loop import load_trained
+    exp, _ = load_trained(load_run_config(workdir), workdir)
+    ones = np.ones_like(ids)
+    return np.asarray(exp.model(ids, ones, np.arange(ids.shape[1])[None].repeat(len(ids), 0), ones))
+
+
+def test_config_round_trips(run):
+    config, workdir = run
+    assert load_run_config(workdir).to_dict() == config.to_dict()
+
+
+@pytest.mark.slow
+def test_export_hf_and_gguf_reload_with_the_same_logits(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _, workdir = run
+    from ftjax.export import export_run
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), f"--workdir={workdir}",
+                           "--format=hf", f"--out={tmp_path / 'hf'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_run(workdir, "gguf", tmp_path / "gguf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = np.asarray([tok(t)["input_ids"][:5] for t in ("a gripping , funny film", "dull , far too long !")])
+    ours = _ftjax_logits(workdir, ids)
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=2e-4)
+
+    gguf_file = tmp_path / "gguf" / "model-f32.gguf"
+    reader = gguf.GGUFReader(gguf_file)
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "blk.1.attn_q.weight", "output_norm.weight"} <= names
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    np.testing.assert_array_equal(np.asarray(embd.data), hf.model.embed_tokens.weight.detach().numpy())
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(from_gguf(torch.as_tensor(ids)).logits.numpy(), ours, atol=2e-4, rtol=2e-4)
+
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    for fmt in ("hf", "gguf"):
+        card = (tmp_path / fmt / "README.md").read_text()
+        assert "base_model: tiny-llama" in card and "Method: `full`" in card
+        assert f"| loss | {metrics['loss']:.4f} |" in card
+        assert "stsa.binary.train" in card
+
+
+def test_peft_export_of_a_full_run_is_a_clear_error(run, tmp_path):
+    from ftjax.export import export_run
+    _, workdir = run
+    with pytest.raises(ValueError, match="no adapter"):
+        export_run(workdir, "peft", tmp_path / "peft")
