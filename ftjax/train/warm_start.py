@@ -58,16 +58,16 @@ def restore_trained(params: nnx.State, frozen: nnx.State, workdir: str | Path
                              f"does not have: {missing[:5]} (a different model or method?)")
         for keys, meta in flat:
             var = live[_path(keys)]
-            if tuple(meta.shape) != tuple(var.value.shape):
+            if tuple(meta.shape) != tuple(var.get_value().shape):
                 raise ValueError(f"config.model.init_from: {'.'.join(_path(keys))} has shape "
-                                 f"{tuple(meta.shape)} in {workdir}, {tuple(var.value.shape)} here")
+                                 f"{tuple(meta.shape)} in {workdir}, {tuple(var.get_value().shape)} here")
         target: dict = {}
         for keys, _ in flat:  # the saved tree as plain dicts, leaves shaped and sharded as here
             *parents, last = [_key(k) for k in keys]
             node = target
             for name in parents:
                 node = node.setdefault(name, {})
-            value = live[_path(keys)].value
+            value = live[_path(keys)].get_value()
             node[last] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
         target = {"params": target}
         restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
