@@ -13,6 +13,7 @@ from pathlib import Path
 import ml_collections
 
 from ftjax.data.config import data_config
+from ftjax.peft.config import method_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
         overrides=ml_collections.ConfigDict(),  # architecture overrides for presets
         init_from="",  # a previous run's workdir: its trained weights start this run
     ))
-    c.method = ml_collections.ConfigDict(dict(kind="full"))
+    c.method = method_config()
     c.data = data_config()
     # Against forgetting: loss += strength / 2 * sum(F * (theta - theta_start) ** 2) over the
     # trainable params; F = 1 for l2sp, the diagonal empirical Fisher for ewc.

@@ -37,6 +37,7 @@ class Experiment:
     params: nnx.State  # trainable
     frozen: nnx.State  # everything else
     kind: str  # lm | classification | token
+    plan: peft.MethodPlan  # the fine-tuning method: trainable filter, masks, LR scales
 
     @property
     def num_trainable(self) -> int:
@@ -103,11 +104,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
             raise ConfigError(f"model source {config.model.source!r} has no tokenizer; "
                               "set config.data.tokenizer to a tokenizer folder")
         pipe = _pipeline(config, tokenizer)
-    model, trainable = peft.apply_method(model, config.method)
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    plan = peft.apply_method(model, config.method, tokenizer)
+    model = plan.model
+    graphdef, params, frozen = nnx.split(model, plan.trainable, ...)
     if config.model.init_from:
         params, frozen = warm_start.restore_trained(params, frozen, config.model.init_from)
         nnx.update(model, params, frozen)
     return Experiment(config=config, mesh=mesh, model=model, tokenizer=tokenizer, pipe=pipe,
                       graphdef=graphdef, params=params, frozen=frozen,
-                      kind=LOSS_KINDS[config.model.head])
+                      kind=LOSS_KINDS[config.model.head], plan=plan)

@@ -89,13 +89,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
              f"({jax.process_count()} processes); trainable params {exp.num_trainable:,} of "
              f"{exp.num_total:,} ({100 * exp.num_trainable / max(exp.num_total, 1):.2f}%)")
 
-    tx = optim.make_optimizer(t)
+    tx = optim.make_optimizer(t, **exp.plan.optimizer_kwargs())
     state = init_state(exp, tx)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     frozen_sharding = jax.tree.map(lambda x: x.sharding, exp.frozen)
     step_fn = jax.jit(
         make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
-                        schedule=optim.schedule_shape(t),
+                        schedule=optim.schedule_shape(t), grad_mask_fn=exp.plan.grad_mask_fn,
                         extra_loss_fn=regularizers.from_config(config, exp),
                         num_tasks=exp.pipe.info.num_tasks),
         in_shardings=(state_sharding, frozen_sharding, None),
@@ -210,7 +210,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | Path,
     ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint,
                         best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
     step = ckpt.resolve(which)
-    state = init_state(exp, optim.make_optimizer(config.train))
+    state = init_state(exp, optim.make_optimizer(config.train, **exp.plan.optimizer_kwargs()))
     state, _ = ckpt.restore(step, abstract_like(state))
     ckpt.close()
     exp.params = state.params

@@ -43,10 +43,15 @@ def schedule_shape(train_cfg: ml_collections.ConfigDict) -> Callable[[Any], Any]
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: Any = None,
-                   lr_scale: Any = None) -> optax.GradientTransformation:
-    """clip -> AdamW/SGD (peak lr in state) -> schedule shape [-> per-parameter lr scale].
+                   lr_scale: Any = None,
+                   update_mask_fn: Callable[[Any, jax.Array], Any] | None = None
+                   ) -> optax.GradientTransformation:
+    """clip -> AdamW/SGD (peak lr in state) -> schedule shape [-> per-parameter lr scale]
+    [-> update mask].
 
-    ``lr_scale`` is an optional pytree of per-parameter multipliers (layer-wise LR decay).
+    ``lr_scale`` is an optional pytree of per-parameter multipliers (layer-wise LR decay);
+    ``update_mask_fn(updates, step)`` zeroes updates of frozen slices (gradual unfreezing), weight
+    decay included, so they stay bitwise unchanged.
     """
     kind = train_cfg.optimizer
     if kind == "adamw":
@@ -66,6 +71,11 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: A
         parts.append(optax.GradientTransformation(
             lambda _: optax.EmptyState(),
             lambda u, s, p=None: (jax.tree.map(lambda x, k: x * k, u, lr_scale), s)))
+    if update_mask_fn is not None:
+        parts.append(optax.GradientTransformation(
+            lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+            lambda u, s, p=None: (update_mask_fn(u, s.count),
+                                  optax.ScaleByScheduleState(count=s.count + 1))))
     return optax.chain(*parts)
 
 

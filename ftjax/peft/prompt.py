@@ -1,0 +1,174 @@
+"""Prompt tuning (Lester et al. 2021) and prefix tuning (Li & Liang 2021) as virtual tokens.
+
+Both turn the model's class into a subclass (same parameters and paths, plus the new ones) whose
+call adds ``n`` virtual tokens in front of every row, the way HF ``peft`` does:
+
+* prompt tuning prepends ``n`` learned input embeddings (``prompt_embeddings [n, D]``); virtual
+  tokens take positions ``0..n-1`` and real tokens shift by ``n``; per-token outputs (LM logits)
+  drop the virtual positions again.
+* prefix tuning gives every layer ``n`` learned keys and values that all queries attend to
+  (``prefix_embedding [n, L * 2 * K * H]`` in PEFT's layout, optionally produced by a
+  reparametrisation MLP from ``[n, D]``); real tokens take positions ``n..``, as after a cache of
+  length ``n`` in transformers. Attention modules expose a ``prefix`` hook for this.
+
+Rows are assumed to hold one example each (unpacked data): virtual tokens join the row's segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.models import layers
+from ftjax.peft import surgery
+
+
+class PrefixBuffer(nnx.Variable):
+    """Per-layer prefix keys/values, recomputed from the trainable prefix on every call."""
+
+
+class PrefixKV(nnx.Module):
+    """The attention hook: one layer's ``(keys, values)`` ``[n, K, H]`` (stacked ``[L, 2, n, K, H]``)."""
+
+    def __init__(self, value: jax.Array):
+        self.kv = PrefixBuffer(value)
+
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kv = self.kv[...]
+        return kv[0], kv[1]
+
+
+def input_embedding(model: nnx.Module) -> layers.Embed:
+    """The token embedding table of a headed model (Llama/Gemma/GPT-2 or BERT naming)."""
+    backbone = model.model
+    if hasattr(backbone, "embeddings"):
+        return backbone.embeddings.word_embeddings
+    return backbone.embed_tokens
+
+
+def attention_modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+    """Attention modules with a ``prefix`` hook."""
+    return [(tuple(p), m) for p, m in nnx.iter_graph(model)
+            if isinstance(m, nnx.Module) and "prefix" in vars(m)]
+
+
+class VirtualTokens:
+    """Methods of the model subclass with virtual tokens (see the module docstring).
+
+    The subclass derives from the model's class alone (CPython only lets ``__class__`` change
+    between classes of one layout), so these are copied into it and reach the original call
+    with ``super(type(self), self)``.
+    """
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                 inputs_embeds=None, **kwargs):
+        n = self.num_virtual_tokens
+        b, t = input_ids.shape
+        positions, segment_ids = layers.default_positions_and_segments(
+            input_ids, attention_mask, positions, segment_ids)
+        if self.prompt_embeddings is None:
+            self._write_prefix()
+            return super(type(self), self).__call__(input_ids, attention_mask, positions + n, segment_ids,
+                                    inputs_embeds, **kwargs)
+        embeds = input_embedding(self)(input_ids) if inputs_embeds is None else inputs_embeds
+        prompt = jnp.broadcast_to(self.prompt_embeddings[...].astype(embeds.dtype),
+                                  (b,) + self.prompt_embeddings.shape)
+        pad = lambda x, v: jnp.concatenate([jnp.full((b, n), v, x.dtype), x], axis=1)
+        row_segment = jnp.max(segment_ids, axis=1, keepdims=True)
+        segment_ids = jnp.concatenate([jnp.broadcast_to(row_segment, (b, n)), segment_ids], axis=1)
+        positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n)),
+                                     positions + n], axis=1)
+        if attention_mask is not None:
+            attention_mask = pad(attention_mask, 1)
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = pad(kwargs["token_type_ids"], 0)
+        out = super(type(self), self).__call__(pad(input_ids, 0), attention_mask, positions, segment_ids,
+                               jnp.concatenate([prompt, embeds], axis=1), **kwargs)
+        return out[:, n:] if out.ndim == 3 and out.shape[1] == n + t else out
+
+    def prefix_values(self) -> jax.Array:
+        """The prefix in PEFT's flat layout ``[n, L * 2 * K * H]`` (after the MLP, if any)."""
+        x = self.prefix_embedding[...]
+        if self.prefix_mlp is not None:
+            x = self.prefix_mlp[1](jnp.tanh(self.prefix_mlp[0](x)))
+        return x
+
+    def _write_prefix(self) -> None:
+        (_, attn), = attention_modules(self)
+        buf = attn.prefix.kv
+        num_layers, _, n, k, h = buf.shape
+        flat = self.prefix_values().reshape(n, num_layers, 2, k, h)
+        buf.set_value(jnp.transpose(flat, (1, 2, 0, 3, 4)).astype(buf.get_value().dtype))
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def has_virtual_tokens(model: nnx.Module) -> bool:
+    return type(model) in _SUBCLASSES.values()
+
+
+def _with_virtual_tokens(model: nnx.Module, n: int) -> None:
+    cls = type(model)
+    if not has_virtual_tokens(model):
+        if cls not in _SUBCLASSES:
+            methods = {k: v for k, v in vars(VirtualTokens).items() if callable(v)}
+            _SUBCLASSES[cls] = type(f"VirtualTokens{cls.__name__}", (cls,), methods)
+        model.__class__ = _SUBCLASSES[cls]
+    model.num_virtual_tokens = n
+    model.prompt_embeddings = nnx.data(None)
+    model.prefix_embedding = nnx.data(None)
+    model.prefix_mlp = nnx.data(None)
+
+
+def add_prompt(model: nnx.Module, n: int, *, key: jax.Array, init_ids: np.ndarray | None = None
+               ) -> nnx.Module:
+    """Prompt tuning: ``n`` soft prompt embeddings, from ``init_ids``' embeddings (cycled) or from
+    randomly drawn vocabulary rows."""
+    if n < 1:
+        raise ValueError(f"config.method.prompt.num_virtual_tokens={n} must be >= 1")
+    table = input_embedding(model).embedding
+    vocab = table.get_value().shape[0]
+    ids = (np.resize(np.asarray(init_ids), n) if init_ids is not None and len(init_ids)
+           else np.asarray(jax.random.randint(key, (n,), 0, vocab)))
+    _with_virtual_tokens(model, n)
+    axes = (None, surgery.axes_of(table)[-1])
+    value = surgery.compute_like(table, lambda t: t[jnp.asarray(ids)], table.get_value(), axes=axes)
+    model.prompt_embeddings = nnx.Param(value, logical_axes=axes)
+    return model
+
+
+def add_prefix(model: nnx.Module, n: int, *, key: jax.Array, projection: int = 0,
+               init_std: float = 0.02) -> nnx.Module:
+    """Prefix tuning: ``n`` keys/values per layer; ``projection > 0`` adds PEFT's
+    reparametrisation MLP ``Linear(D, projection) -> tanh -> Linear(projection, L * 2 * K * H)``."""
+    if n < 1:
+        raise ValueError(f"config.method.prefix.num_virtual_tokens={n} must be >= 1")
+    attns = attention_modules(model)
+    if len(attns) != 1:
+        raise ValueError(f"prefix tuning needs one stack of attention modules with a prefix hook; "
+                         f"{type(model.model).__name__} has {len(attns)}")
+    (_, attn), = attns
+    table = input_embedding(model).embedding
+    _with_virtual_tokens(model, n)
+    k1, k2 = jax.random.split(key)
+    num_layers = jax.tree.leaves(nnx.state(attn))[0].shape[0]
+    heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    attn.prefix = PrefixKV(jnp.zeros((num_layers, 2, n, heads, attn.head_dim), jnp.float32))
+    surgery.place_like(table, attn.prefix)
+    width = num_layers * 2 * heads * attn.head_dim
+    d = table.get_value().shape[-1]
+    if projection:
+        model.prefix_embedding = surgery.new_param(table, surgery.normal(init_std), (n, d),
+                                                   (None, None), k1)
+        rngs = nnx.Rngs(params=k2)
+        model.prefix_mlp = nnx.List([
+            layers.Linear(d, projection, axes=(None, None), use_bias=True, rngs=rngs),
+            layers.Linear(projection, width, axes=(None, None), use_bias=True, rngs=rngs)])
+        surgery.place_like(table, model.prefix_mlp)
+    else:
+        model.prefix_embedding = surgery.new_param(table, surgery.normal(init_std), (n, width),
+                                                   (None, None), k1)
+    return model
