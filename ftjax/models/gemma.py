@@ -18,6 +18,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.models import heads, layers, weights
+from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
 HF_MODEL_TYPES = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
@@ -98,7 +99,9 @@ class GemmaAttention(nnx.Module):
         self.k_norm = _norm(cfg, h, rngs) if cfg.qk_norm else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 inv_freq: jax.Array) -> jax.Array:
+                 inv_freq: jax.Array, cache: LayerKV | None = None
+                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
+        """With ``cache``: attend over the cache after writing the new keys; return it too."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -107,8 +110,12 @@ class GemmaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = layers.apply_rope(q, positions, inv_freq)
         k = layers.apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.k, cache.v
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
-        return self.o_proj(out.reshape(b, t, -1))
+        out = self.o_proj(out.reshape(b, t, -1))
+        return out if cache is None else (out, cache)
 
 
 class GemmaMLP(nnx.Module):
@@ -140,15 +147,18 @@ class GemmaDecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = _norm(cfg, d, rngs) if sandwich else None
         self.post_feedforward_layernorm = _norm(cfg, d, rngs) if sandwich else None
 
-    def __call__(self, x, positions, mask, inv_freq):
-        attn = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq)
+    def __call__(self, x, positions, mask, inv_freq, cache: LayerKV | None = None):
+        attn = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, cache)
+        if cache is not None:
+            attn, cache = attn
         if self.pre_feedforward_layernorm is None:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x))
         else:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return sharding.constrain(x, "batch", "act_seq", "act_embed")
+        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
+        return x if cache is None else (x, cache)
 
 
 class GemmaModel(nnx.Module):
@@ -163,13 +173,19 @@ class GemmaModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
         cfg = self.cfg
         positions, segment_ids = layers.default_positions_and_segments(
             input_ids, attention_mask, positions, segment_ids)
-        masks = [layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
-                                       sliding_window=window)
-                 for window in (None, cfg.sliding_window)]
+        if cache is None:
+            masks = [layers.attention_mask(segment_ids, segment_ids, positions, positions,
+                                           causal=True, sliding_window=window)
+                     for window in (None, cfg.sliding_window)]
+        else:
+            cache = cache.append(positions, segment_ids)
+            masks = [cache.mask(positions, segment_ids, window) for window in (None, cfg.sliding_window)]
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
         inv_freqs = (layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling),
                      layers.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta))
@@ -180,13 +196,17 @@ class GemmaModel(nnx.Module):
             h = inputs_embeds
         h = sharding.constrain(h, "batch", "act_seq", "act_embed")
 
-        def call(block, x, local):
+        def call(block, x, local, *kv):
             mask = jnp.where(local, masks[1], masks[0])
-            return block(x, positions, mask, jnp.where(local, inv_freqs[1], inv_freqs[0]))
+            return block(x, positions, mask, jnp.where(local, inv_freqs[1], inv_freqs[0]), *kv)
 
-        h = run_layers(self.layers, h, call, scan=cfg.scan_layers, remat=cfg.remat,
-                       per_layer=jnp.asarray(cfg.local_layers))
-        return self.norm(h)
+        local = jnp.asarray(cfg.local_layers)
+        run = dict(scan=cfg.scan_layers, remat=cfg.remat)
+        if cache is None:
+            return self.norm(run_layers(self.layers, h, call, per_layer=local, **run))
+        h, kv = run_layers(self.layers, h, lambda blk, x, xs: call(blk, x, *xs),
+                           per_layer=(local, cache.per_layer()), collect=True, **run)
+        return self.norm(h), cache.advance(kv, positions.shape[1])
 
 
 def build(cfg: GemmaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:

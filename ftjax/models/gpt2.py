@@ -16,6 +16,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.models import heads, layers, weights
+from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
 HF_MODEL_TYPES = {"gpt2": "GPT2"}
@@ -70,12 +71,18 @@ class GPT2Attention(nnx.Module):
         self.c_attn = _conv1d(cfg, d, 3 * d, ("embed", "heads"), rngs)
         self.c_proj = _conv1d(cfg, d, d, ("heads", "embed"), rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, cache: LayerKV | None = None
+                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
+        """With ``cache``: attend over the cache after writing the new keys; return it too."""
         b, t, _ = x.shape
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim)
                    for y in jnp.split(self.c_attn(x), 3, axis=-1))
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.k, cache.v
         out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
-        return self.c_proj(out.reshape(b, t, -1))
+        out = self.c_proj(out.reshape(b, t, -1))
+        return out if cache is None else (out, cache)
 
 
 class GPT2MLP(nnx.Module):
@@ -96,10 +103,14 @@ class GPT2Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = GPT2MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x), mask)
+    def __call__(self, x: jax.Array, mask: jax.Array, cache: LayerKV | None = None):
+        attn = self.attn(self.ln_1(x), mask, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         x = x + self.mlp(self.ln_2(x))
-        return sharding.constrain(x, "batch", "act_seq", "act_embed")
+        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
+        return x if cache is None else (x, cache)
 
 
 class GPT2Model(nnx.Module):
@@ -121,15 +132,24 @@ class GPT2Model(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
         positions, segment_ids = layers.default_positions_and_segments(
             input_ids, attention_mask, positions, segment_ids)
-        mask = layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
+        if cache is None:
+            mask = layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
+        else:
+            cache = cache.append(positions, segment_ids)
+            mask = cache.mask(positions, segment_ids)
         h = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         h = sharding.constrain(h + self.wpe(positions), "batch", "act_seq", "act_embed")
-        h = run_layers(self.h, h, lambda blk, x, _: blk(x, mask), scan=self.cfg.scan_layers,
-                       remat=self.cfg.remat)
-        return self.ln_f(h)
+        run = dict(scan=self.cfg.scan_layers, remat=self.cfg.remat)
+        if cache is None:
+            return self.ln_f(run_layers(self.h, h, lambda blk, x, _: blk(x, mask), **run))
+        h, kv = run_layers(self.h, h, lambda blk, x, c: blk(x, mask, c),
+                           per_layer=cache.per_layer(), collect=True, **run)
+        return self.ln_f(h), cache.advance(kv, positions.shape[1])
 
 
 def build(cfg: GPT2Config, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -42,7 +42,11 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  inputs_embeds=None) -> jax.Array:
-        h = self.model(input_ids, attention_mask, positions, segment_ids, inputs_embeds)
+        return self.logits(self.model(input_ids, attention_mask, positions, segment_ids,
+                                      inputs_embeds))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Vocabulary logits for final hidden states ``[..., D]`` (decoding projects one position)."""
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         if self.final_softcap is not None:
             logits = self.final_softcap * jnp.tanh(logits / self.final_softcap)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from ftjax import sharding
 from ftjax.models import layers, weights
+from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
 
@@ -81,7 +82,9 @@ class LlamaAttention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 inv_freq: jax.Array) -> jax.Array:
+                 inv_freq: jax.Array, cache: LayerKV | None = None
+                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
+        """With ``cache``: attend over the cache after writing the new keys; return it too."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -90,8 +93,12 @@ class LlamaAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = layers.apply_rope(q, positions, inv_freq)
         k = layers.apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = cache.write(k, v)
+            k, v = cache.k, cache.v
         out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, -1))
+        out = self.o_proj(out.reshape(b, t, -1))
+        return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nnx.Module):
@@ -118,10 +125,14 @@ class LlamaDecoderLayer(nnx.Module):
                                                        rngs=rngs, **dt)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, inv_freq):
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask, inv_freq)
+    def __call__(self, x, positions, mask, inv_freq, cache: LayerKV | None = None):
+        attn = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return sharding.constrain(x, "batch", "act_seq", "act_embed")
+        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
+        return x if cache is None else (x, cache)
 
 
 class LlamaModel(nnx.Module):
@@ -137,18 +148,29 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None) -> jax.Array:
+                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
         cfg = self.cfg
         positions, segment_ids = layers.default_positions_and_segments(
             input_ids, attention_mask, positions, segment_ids)
-        mask = layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
-                                     sliding_window=cfg.sliding_window)
+        if cache is None:
+            mask = layers.attention_mask(segment_ids, segment_ids, positions, positions,
+                                         causal=True, sliding_window=cfg.sliding_window)
+        else:
+            cache = cache.append(positions, segment_ids)
+            mask = cache.mask(positions, segment_ids, cfg.sliding_window)
         inv_freq = layers.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         h = sharding.constrain(h, "batch", "act_seq", "act_embed")
-        h = run_layers(self.layers, h, lambda blk, x, _: blk(x, positions, mask, inv_freq),
-                       scan=cfg.scan_layers, remat=cfg.remat)
-        return self.norm(h)
+        if cache is None:
+            h = run_layers(self.layers, h, lambda blk, x, _: blk(x, positions, mask, inv_freq),
+                           scan=cfg.scan_layers, remat=cfg.remat)
+            return self.norm(h)
+        h, kv = run_layers(self.layers, h, lambda blk, x, c: blk(x, positions, mask, inv_freq, c),
+                           scan=cfg.scan_layers, remat=cfg.remat, per_layer=cache.per_layer(),
+                           collect=True)
+        return self.norm(h), cache.advance(kv, positions.shape[1])
 
 
 def hf_weight_map(cfg: LlamaConfig, head: str) -> list[weights.WeightSpec]:

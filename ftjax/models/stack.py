@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -33,12 +34,15 @@ def stack_layers(create: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs
     return stacked
 
 
-def run_layers(layers: nnx.Module, hidden: jax.Array, call: Callable[..., jax.Array], *,
-               scan: bool = True, remat: str = "none", per_layer: Any = None) -> jax.Array:
+def run_layers(layers: nnx.Module, hidden: jax.Array, call: Callable[..., Any], *,
+               scan: bool = True, remat: str = "none", per_layer: Any = None,
+               collect: bool = False) -> Any:
     """Apply the stacked ``layers`` to ``hidden``.
 
     ``call(block, hidden, layer_input)`` runs one block; ``per_layer`` is an optional pytree with
-    a leading layer axis (e.g. each layer's attention window) handed to the matching block.
+    a leading layer axis (e.g. each layer's attention window) handed to the matching block. With
+    ``collect``, ``call`` returns ``(hidden, layer_output)`` and the result is ``(hidden, outputs)``
+    with the outputs stacked on a leading layer axis (e.g. each layer's updated KV cache).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
@@ -46,14 +50,18 @@ def run_layers(layers: nnx.Module, hidden: jax.Array, call: Callable[..., jax.Ar
 
     def body(h, xs):
         layer_state, layer_input = xs
-        return call(nnx.merge(graphdef, layer_state), h, layer_input), None
+        out = call(nnx.merge(graphdef, layer_state), h, layer_input)
+        return out if collect else (out, None)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        hidden, _ = jax.lax.scan(body, hidden, (state, per_layer))
-        return hidden
-    num_layers = jax.tree.leaves(state)[0].shape[0]
-    for i in range(num_layers):
-        hidden, _ = body(hidden, jax.tree.map(lambda x: x[i], (state, per_layer)))
-    return hidden
+        hidden, outputs = jax.lax.scan(body, hidden, (state, per_layer))
+    else:
+        num_layers = jax.tree.leaves(state)[0].shape[0]
+        outs = []
+        for i in range(num_layers):
+            hidden, out = body(hidden, jax.tree.map(lambda x: x[i], (state, per_layer)))
+            outs.append(out)
+        outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs) if collect else None
+    return (hidden, outputs) if collect else hidden
