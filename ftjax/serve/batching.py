@@ -1,0 +1,49 @@
+"""A small batching queue: requests that arrive together share one jitted decode call."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+from ftjax.generate import Generation, Generator, Request
+
+
+class BatchQueue:
+    """Collects requests for up to ``wait_s`` (or ``generator.max_batch`` of them) per batch.
+
+    While a batch decodes, newcomers queue up and form the next batch, so load batches itself.
+    """
+
+    def __init__(self, generator: Generator, wait_s: float = 0.005):
+        self.generator, self.wait_s = generator, wait_s
+        self._queue: queue.Queue[tuple[Request, Future]] = queue.Queue()
+        threading.Thread(target=self._run, name="batch-queue", daemon=True).start()
+
+    def submit(self, request: Request) -> "Future[Generation]":
+        future: Future[Generation] = Future()
+        self._queue.put((request, future))
+        return future
+
+    def _next_batch(self) -> list[tuple[Request, Future]]:
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.generator.max_batch:
+            try:
+                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            try:
+                results = self.generator.generate([request for request, _ in batch])
+            except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                for _, future in batch:
+                    future.set_exception(e)
+                continue
+            for (_, future), result in zip(batch, results):
+                future.set_result(result)

@@ -1,0 +1,254 @@
+"""An OpenAI-compatible HTTP server on the standard library (``ThreadingHTTPServer``).
+
+Each request runs on its own thread; generation requests meet in the model's ``BatchQueue``, so
+concurrent requests share one jitted decode call. Streaming responses are server-sent events fed
+by the decode loop's host callback. Every failure is an OpenAI-style JSON error, and the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Sequence
+
+from ftjax.generate import Generation, Request
+from ftjax.serve import api
+from ftjax.serve.api import APIError
+from ftjax.serve.models import ServedModel
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20
+_DONE = object()  # end of a stream
+
+
+class App:
+    """Routes and model ids; independent of the HTTP plumbing."""
+
+    def __init__(self, models: Sequence[ServedModel], api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = 16):
+        self.models = {m.name: m for m in models}
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    def model(self, body: dict, kind: str) -> ServedModel:
+        """The requested model, which must be able to do ``kind`` ("generate" or "classify")."""
+        name = api.require(body, "model", str, "a model id")
+        if name not in self.models:
+            raise APIError(404, f"the model '{name}' does not exist; available: "
+                                f"{sorted(self.models)}", param="model", code="model_not_found")
+        served = self.models[name]
+        if (served.queue if kind == "generate" else served.classifier) is None:
+            raise APIError(400, f"the model '{name}' cannot {kind} (it is a "
+                                f"{'classifier' if served.classifier else 'causal LM'})",
+                           param="model", code="unsupported_model")
+        return served
+
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "ftjax",
+             "task": "classification" if m.classifier else "generation"}
+            for name, m in self.models.items()]}
+
+    def classify(self, body: dict) -> dict[str, Any]:
+        served = self.model(body, "classify")
+        inputs = api.require(body, "input", (str, list), "a string or a list of strings")
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "'input' must be a string or a non-empty list of strings",
+                           param="input", code="invalid_value")
+        try:
+            probs = served.classifier.classify(texts)
+        except ValueError as e:
+            raise APIError(400, str(e), param="input", code="context_length_exceeded") from e
+        return {"object": "list", "model": served.name, "data": [
+            {"index": i, "label": max(p, key=p.get), "probabilities": p}
+            for i, p in enumerate(probs)]}
+
+    def prepare(self, path: str, body: dict) -> tuple[ServedModel, list[Request], bool]:
+        """Validate a (chat) completion request into decoder requests; nothing runs yet."""
+        served = self.model(body, "generate")
+        gen = served.generator
+        chat = path == "/v1/chat/completions"
+        if chat:
+            try:
+                prompts = [gen.chat_prompt(api.chat_messages(body))]
+            except ValueError as e:  # no chat template
+                raise APIError(400, str(e), param="messages", code="unsupported_model") from e
+            # OpenAI's chat default is "the rest of the context"; cap it to keep batches short.
+            default = max(1, min(512, gen.max_len - len(prompts[0])))
+        else:
+            prompts, default = self._prompts(gen, body), self.default_max_tokens
+        params = api.sampling_params(body, default_max_tokens=default,
+                                     max_tokens_key="max_completion_tokens")
+        requests = [Request(p, params) for p in prompts]
+        for r in requests:
+            try:
+                gen.check(r.prompt, params)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages" if chat else "prompt",
+                               code="context_length_exceeded") from e
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+        if stream and len(requests) != 1:
+            raise APIError(400, "streaming takes a single prompt", param="prompt")
+        return served, requests, stream
+
+    @staticmethod
+    def _prompts(gen, body: dict) -> list[list[int]]:
+        """``prompt``: a string, a list of strings, a token list or a list of token lists."""
+        prompt = api.require(body, "prompt", (str, list), "a string, a list of strings or tokens")
+        items = [prompt] if isinstance(prompt, str) or (
+            prompt and all(isinstance(t, int) for t in prompt)) else prompt
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                out.append(gen.encode(item))
+            elif isinstance(item, list) and item and all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < gen.vocab_size
+                    for t in item):
+                out.append(item)
+            else:
+                raise APIError(400, "'prompt' must be a string, a list of strings or a list of "
+                                    "token ids in the vocabulary", param="prompt",
+                               code="invalid_value")
+        if not out:
+            raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+        return out
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP plumbing: auth, body limits, JSON, SSE; the ``App`` does the rest."""
+
+    app: App  # set by ``make_server``
+    server_version = "ftjax-serve"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.info("%s " + fmt, self.address_string(), *args)
+
+    # -- responses -------------------------------------------------------------------------------
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, error: APIError) -> None:
+        self._send_json(error.status, error.body())
+
+    def _event(self, payload: Any) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _authorize(self) -> None:
+        if self.app.api_key is None:
+            return
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.app.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    def _body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(411, "a Content-Length header is required") from None
+        if length > self.app.max_body_bytes:
+            self.close_connection = True  # the body is never read
+            raise APIError(413, f"request body of {length} bytes exceeds the limit of "
+                                f"{self.app.max_body_bytes}", code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}",
+                           code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def do_GET(self) -> None:
+        self._guard(lambda: self._get())
+
+    def do_POST(self) -> None:
+        self._guard(lambda: self._post())
+
+    def _guard(self, handle: Callable[[], None]) -> None:
+        try:
+            self._authorize()
+            handle()
+        except APIError as e:
+            self._send_error(e)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away")
+        except Exception as e:  # noqa: BLE001 - a server error must not kill the server
+            log.exception("internal error")
+            self._send_error(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                      type="server_error"))
+
+    def _get(self) -> None:
+        if self.path == "/v1/models":
+            return self._send_json(200, self.app.list_models())
+        if self.path == "/health":
+            return self._send_json(200, {"status": "ok"})
+        raise APIError(404, f"unknown path {self.path!r}", code="unknown_url")
+
+    def _post(self) -> None:
+        if self.path == "/v1/classify":
+            return self._send_json(200, self.app.classify(self._body()))
+        if self.path not in ("/v1/completions", "/v1/chat/completions"):
+            raise APIError(404, f"unknown path {self.path!r}", code="unknown_url")
+        served, requests, stream = self.app.prepare(self.path, self._body())
+        chat = self.path == "/v1/chat/completions"
+        rid = api.new_id("chatcmpl" if chat else "cmpl")
+        if stream:
+            return self._stream(served, requests[0], rid, chat)
+        gens = [f.result() for f in [served.queue.submit(r) for r in requests]]
+        self._send_json(200, api.chat_body(rid, served.name, gens[0]) if chat
+                        else api.completion_body(rid, served.name, gens))
+
+    def _stream(self, served: ServedModel, request: Request, rid: str, chat: bool) -> None:
+        """Server-sent events: one chunk per piece of final text, then the finish reason."""
+        pieces: queue.Queue = queue.Queue()
+        request.on_text = pieces.put
+        future = served.queue.submit(request)
+        future.add_done_callback(lambda _: pieces.put(_DONE))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.close_connection = True
+        chunk = (lambda text, reason: api.chat_chunk(rid, served.name, text, reason)) if chat else \
+            (lambda text, reason: api.completion_chunk(rid, served.name, text, reason))
+        if chat:
+            self._event(chunk({"role": "assistant", "content": ""}, None))
+        while (piece := pieces.get()) is not _DONE:
+            self._event(chunk({"content": piece} if chat else piece, None))
+        if future.exception() is not None:  # headers are sent: report in-band
+            log.error("generation failed", exc_info=future.exception())
+            self._event(APIError(500, f"generation failed: {future.exception()}",
+                                 type="server_error").body())
+            return
+        gen: Generation = future.result()
+        self._event(chunk({} if chat else "", gen.finish_reason))
+        self._event("[DONE]")
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A threading HTTP server for ``app`` (not started: call ``serve_forever``)."""
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
