@@ -25,6 +25,8 @@ def get_config(arg=None):
                   seq_len=64, reg="none", strength=0.0, replay=0.0, method="full", lr=1e-4)
     c = base_config()
     c.model.source = a.model or str(minilm_path())
+    if not Path(c.model.source).is_dir():  # a preset (e.g. tiny-bert): borrow MiniLM's tokenizer
+        c.data.tokenizer = str(minilm_path())
     c.model.head = "sequence_classification"
     c.method.kind = a.method
     c.data.task = "classification"
