@@ -113,12 +113,14 @@ class BertSelfAttention(nnx.Module):
         self.query = _linear(cfg, d, d, ("embed", "heads"), rngs)
         self.key = _linear(cfg, d, d, ("embed", "heads"), rngs)
         self.value = _linear(cfg, d, d, ("embed", "heads"), rngs)
+        self.prefix = nnx.data(None)  # prefix-tuning hook: () -> (keys, values), see ftjax.peft
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, _ = x.shape
         q, k, v = (p(x).reshape(b, t, self.num_heads, self.head_dim)
                    for p in (self.query, self.key, self.value))
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
+                                           prefix=None if self.prefix is None else self.prefix())
         return out.reshape(b, t, -1)
 
 

@@ -157,9 +157,17 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: j
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                          scale: float, softcap: float | None = None) -> jax.Array:
-    """Grouped-query attention. q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` with N % K == 0 -> ``[B,T,N,H]``."""
+                          scale: float, softcap: float | None = None,
+                          prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Grouped-query attention. q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` with N % K == 0 -> ``[B,T,N,H]``.
+
+    ``prefix``: extra keys and values ``[P, K, H]`` that every query attends to (prefix tuning).
+    """
     b, t, n, h = q.shape
+    if prefix is not None:
+        pk, pv = (jnp.broadcast_to(p.astype(k.dtype), (b,) + p.shape) for p in prefix)
+        k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+        mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (pk.shape[1],), bool), mask], axis=-1)
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * scale

@@ -80,6 +80,7 @@ class LlamaAttention(nnx.Module):
             self.k_norm = layers.RMSNorm(h, eps=cfg.rms_norm_eps, rngs=rngs, **dt)
         else:
             self.q_norm = self.k_norm = None
+        self.prefix = nnx.data(None)  # prefix-tuning hook: () -> (keys, values), see ftjax.peft
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  inv_freq: jax.Array, cache: LayerKV | None = None
@@ -96,7 +97,8 @@ class LlamaAttention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v)
             k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
+                                           prefix=None if self.prefix is None else self.prefix())
         out = self.o_proj(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 

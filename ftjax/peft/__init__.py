@@ -73,7 +73,7 @@ def _adapter_filter(model: nnx.Module, with_head: bool) -> Callable:
 
 _ADAPTER_PARAMS = ("lora_a", "lora_b", "magnitude", "ia3_l", "adapter_down", "adapter_down_bias",
                    "adapter_up", "adapter_up_bias")
-_VIRTUAL = ("prompt_embeddings", "prefix_embedding", "prefix_mlp")
+_VIRTUAL = prompt.VIRTUAL
 
 
 def _prompt_init_ids(tokenizer: Any, text: str) -> np.ndarray | None:
@@ -180,5 +180,7 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     return model
 
 
-__all__ = ["METHODS", "MethodPlan", "apply_method", "merge", "merge_and_unload", "method_config",
-           "unmerge"]
+from ftjax.peft.peft_format import export_peft, import_peft, method_from_peft  # noqa: E402  (needs apply_method)
+
+__all__ = ["METHODS", "MethodPlan", "apply_method", "export_peft", "import_peft", "merge",
+           "merge_and_unload", "method_config", "method_from_peft", "unmerge"]

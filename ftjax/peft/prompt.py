@@ -25,6 +25,9 @@ from ftjax.models import layers
 from ftjax.peft import surgery
 
 
+VIRTUAL = ("prompt_embeddings", "prefix_embedding", "prefix_mlp")  # top-level parameters added
+
+
 class PrefixBuffer(nnx.Variable):
     """Per-layer prefix keys/values, recomputed from the trainable prefix on every call."""
 
