@@ -41,6 +41,19 @@ def test_l2sp_and_ewc_penalties_by_hand():
     assert float(regularizers.penalty(params, anchor, fisher, 0.1)) == pytest.approx(0.05 * 6.5)
 
 
+def test_per_task_best_reads_each_task_best_eval_and_step(tmp_path):
+    from ftjax.experiments import multitask
+
+    rows = [{"step": 10, "train/loss": 1.0},
+            {"step": 10, "eval/a/accuracy": 0.5, "eval/b/accuracy": 0.7},
+            {"step": 20, "eval/a/accuracy": 0.8, "eval/b/accuracy": 0.6},
+            {"step": 30, "eval/a/accuracy": 0.6, "eval/b/accuracy": 0.65}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert multitask.per_task_best(tmp_path, ["a", "b"]) == {
+        "a": {"value": 0.8, "step": 20}, "b": {"value": 0.7, "step": 10}}
+    assert multitask.per_task_best(tmp_path, ["a"], higher_is_better=False) == {"a": {"value": 0.5, "step": 10}}
+
+
 class _Softmax(nnx.Module):
     """logits = onehot(first token) @ W: per-example gradients have a closed form."""
 
