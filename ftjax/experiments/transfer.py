@@ -42,7 +42,7 @@ def markdown(R: np.ndarray, b: Sequence[float], tasks: Sequence[str], metrics: d
     for i, task in enumerate(tasks):
         lines.append(f"| after {i + 1}: {task} | " + " | ".join(f"{x:.4f}" for x in R[i]) + " |")
     lines += ["", "| " + " | ".join(k.upper() for k in metrics) + " |", "|" + "---|" * len(metrics),
-              "| " + " | ".join(f"{v:+.4f}" for v in metrics.values()) + " |"]
+              "| " + " | ".join(f"{v:.4f}" if k == "acc" else f"{v:+.4f}" for k, v in metrics.items()) + " |"]
     return "\n".join(lines)
 
 
