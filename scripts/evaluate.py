@@ -17,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    from ftjax.eval import tasks as eval_tasks
     from ftjax.eval.loop import Evaluator
     from ftjax.eval.metrics import format_table
     from ftjax.eval.plots import save_confusion_matrix
@@ -27,8 +28,8 @@ def main(argv):
     if not exp.pipe.has_eval:
         raise SystemExit("the config has no eval split (config.data); nothing to evaluate")
     evaluator = Evaluator.for_experiment(exp)
-    metrics = evaluator.run(exp.params, exp.frozen, exp.pipe.eval_batches(config.eval.batch_size),
-                            max_batches=config.eval.max_batches)
+    metrics = eval_tasks.evaluate(evaluator, exp.params, exp.frozen, exp.pipe,
+                                  config.eval.batch_size, config.eval.max_batches)
     if jax.process_index() == 0:
         workdir = Path(_WORKDIR.value)
         write_eval(workdir, metrics, step)
