@@ -230,3 +230,27 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(server, path, body,
 def test_client_raises_on_bad_request(client):
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model="tiny-lm", prompt="the", top_p=2.0)
+
+
+def _leaves(d, prefix=()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), list(v) if isinstance(v, tuple) else v
+
+
+def test_workdir_config_round_trips(tmp_path):
+    """A workdir's config.json (written by the training loop) rebuilds the run's ConfigDict."""
+    from configs.tiny import get_config
+
+    from ftjax.serve.models import is_workdir, workdir_config
+
+    config = get_config("steps=3")
+    assert not is_workdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    assert is_workdir(tmp_path)
+    rebuilt = workdir_config(tmp_path)
+    assert dict(_leaves(rebuilt.to_dict())) == dict(_leaves(config.to_dict()))
+    assert rebuilt.train.steps == 3 and rebuilt.model.head == "causal_lm"

@@ -80,7 +80,8 @@ class Generator:
                                                        tokenize=True, return_dict=True)["input_ids"])
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """Raise ``ValueError`` when the prompt plus its new tokens do not fit the context."""
+        """Raise ``ValueError`` when the prompt is empty or it and its new tokens overflow the
+        context."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + params.max_new_tokens > self.max_len:
@@ -134,7 +135,7 @@ class Generator:
                 self.graphdef, self.state, ids, mask, max_new, SamplingArrays.stack(params),
                 stop_ids, cache_len=cache_len, on_step=self._on_step if host else None))
             rows, self._rows = self._rows, []
-        return [self._result(row, tokens[i, :lengths[i]].tolist(), len(r.prompt), fed=host)
+        return [self._result(row, tokens[i, :lengths[i]].tolist(), len(r.prompt), streamed=host)
                 for i, (r, row) in enumerate(zip(requests, rows))]
 
     def _on_step(self, step: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -147,19 +148,20 @@ class Generator:
             done[i] = row.stream.stopped
         return done
 
-    @staticmethod
-    def _result(row: "_Row", tokens: list[int], prompt_tokens: int, fed: bool) -> Generation:
+    def _result(self, row: "_Row", tokens: list[int], prompt_tokens: int,
+                streamed: bool) -> Generation:
         """The finished row: text cut at a stop string, stop token dropped, finish reason."""
         by_token = bool(tokens) and tokens[-1] in row.stop_ids
         if by_token:
             tokens = tokens[:-1]
-        if not fed:
-            for tok in tokens:
-                row.stream.push(tok)
+        reason = "stop" if by_token else "length"
+        if not streamed:  # no stop strings, nobody listening: decode once
+            return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens,
+                              reason, prompt_tokens)
         if row.stream.stopped:
             return Generation(row.stream.text, row.stream.ids, "stop", prompt_tokens)
         row.send(row.stream.finish())
-        return Generation(row.stream.text, tokens, "stop" if by_token else "length", prompt_tokens)
+        return Generation(row.stream.text, tokens, reason, prompt_tokens)
 
 
 @dataclasses.dataclass

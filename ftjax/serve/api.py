@@ -60,7 +60,8 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def sampling_params(body: dict, *, default_max_tokens: int, max_tokens_key: str = "max_tokens"
                     ) -> SamplingParams:
-    """``SamplingParams`` from OpenAI fields (plus ``top_k``), each checked and named on error."""
+    """``SamplingParams`` from OpenAI fields (plus vLLM's ``top_k`` and ``ignore_eos``), each
+    checked and named on error."""
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     key = max_tokens_key if body.get(max_tokens_key) is not None else "max_tokens"
@@ -70,7 +71,15 @@ def sampling_params(body: dict, *, default_max_tokens: int, max_tokens_key: str 
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)),
         top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
         seed=_number(body, "seed", 0, 0, (1 << 32) - 1, integer=True),
-        stop=_stop(body))
+        stop=_stop(body), stop_token_ids=() if flag(body, "ignore_eos") else None)
+
+
+def flag(body: dict, name: str) -> bool:
+    """An optional boolean field (default False)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be a boolean", param=name, code="invalid_type")
+    return value
 
 
 def require(body: dict, name: str, kind: type | tuple[type, ...], what: str) -> Any:

@@ -94,9 +94,7 @@ class App:
             except ValueError as e:
                 raise APIError(400, str(e), param="messages" if chat else "prompt",
                                code="context_length_exceeded") from e
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
+        stream = api.flag(body, "stream")
         if stream and len(requests) != 1:
             raise APIError(400, "streaming takes a single prompt", param="prompt")
         return served, requests, stream
@@ -109,15 +107,15 @@ class App:
             prompt and all(isinstance(t, int) for t in prompt)) else prompt
         out = []
         for item in items:
-            if isinstance(item, str):
+            if isinstance(item, str) and item:
                 out.append(gen.encode(item))
             elif isinstance(item, list) and item and all(
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < gen.vocab_size
                     for t in item):
                 out.append(item)
             else:
-                raise APIError(400, "'prompt' must be a string, a list of strings or a list of "
-                                    "token ids in the vocabulary", param="prompt",
+                raise APIError(400, "'prompt' must be a non-empty string, a list of them or a "
+                                    "list of token ids in the vocabulary", param="prompt",
                                code="invalid_value")
         if not out:
             raise APIError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
