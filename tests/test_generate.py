@@ -205,11 +205,10 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_batched_greedy_equals_transformers_generate(smollm2):
     gen, ref, tokenizer = smollm2
-    prompts = [gen.chat_prompt([{"role": "user", "content": "Write a short poem about the sea."}]),
-               gen.chat_prompt([{"role": "user", "content": "What is 2+2?"}]),
+    prompts = [gen.chat_prompt([{"role": "user", "content": "What is 2+2?"}]),
                gen.encode("The capital of France is")]
-    assert len({len(p) for p in prompts}) == 3  # left padding really happens
-    steps = 16
+    assert len(prompts[0]) > len(prompts[1]) + 20  # left padding really happens
+    steps = 12
     ours = gen.generate([Request(p, SamplingParams(max_new_tokens=steps)) for p in prompts])
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
@@ -220,4 +219,4 @@ def test_smollm2_batched_greedy_equals_transformers_generate(smollm2):
         expected = row[:row.index(eos)] if eos in row else row
         assert got.tokens == expected, (got.text, tokenizer.decode(expected))
         assert got.finish_reason == ("stop" if eos in row else "length")
-    assert ours[1].text.strip().endswith("4.")
+    assert ours[0].text.strip().endswith("4.") and ours[0].finish_reason == "stop"  # EOS mid-batch
