@@ -182,6 +182,16 @@ def test_generator_compiles_once_per_bucket_and_streams():
     assert "".join(chunks) == out[0].text
 
 
+def test_cancelled_row_ends_while_its_batch_goes_on():
+    model = tiny_model("tiny-llama")
+    gen = Generator(model, tiny_bpe_tokenizer(128))
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    gone = Request([5, 6, 7], params, on_text=lambda _: None)
+    gone.cancelled.set()
+    out = gen.generate([gone, Request([8, 9], params)])
+    assert len(out[0].tokens) == 1 and len(out[1].tokens) == 6
+
+
 def test_generator_rejects_prompts_longer_than_the_context():
     model = tiny_model("tiny-llama")
     gen = Generator(model, tiny_bpe_tokenizer(128))

@@ -213,6 +213,8 @@ BAD = [  # (path, body, key, status, code or param)
     ("/v1/completions", {"model": "tiny-lm", "prompt": "the"}, "wrong", 401, "invalid_api_key"),
     ("/v1/classify", {"model": "tiny-lm", "input": "the"}, API_KEY, 400, "unsupported_model"),
     ("/v1/nothing", {}, API_KEY, 404, "unknown_url"),
+    ("/v1/completions", {"model": "tiny-lm", "prompt": "the", "logprobs": 2}, API_KEY, 400,
+     "logprobs"),
 ]
 
 

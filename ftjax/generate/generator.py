@@ -21,10 +21,14 @@ from ftjax.generate.text import TextStream
 
 @dataclasses.dataclass
 class Request:
-    """One prompt to continue; ``on_text`` receives the text as it becomes final (streaming)."""
+    """One prompt to continue; ``on_text`` receives the text as it becomes final (streaming).
+
+    Setting ``cancelled`` ends a streaming row at the next step (e.g. its client went away).
+    """
     prompt: Sequence[int]
     params: SamplingParams = SamplingParams()
     on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass
@@ -129,8 +133,8 @@ class Generator:
             stop_ids[row, :len(s)] = s
         host = any(r.params.stop or r.on_text for r in requests)
         with self._lock:
-            self._rows = [_Row(TextStream(self.tokenizer, r.params.stop), r.on_text, set(s))
-                          for r, s in zip(requests, stops)]
+            self._rows = [_Row(TextStream(self.tokenizer, r.params.stop), r.on_text, set(s),
+                               r.cancelled) for r, s in zip(requests, stops)]
             tokens, lengths = jax.device_get(decode(
                 self.graphdef, self.state, ids, mask, max_new, SamplingArrays.stack(params),
                 stop_ids, cache_len=cache_len, on_step=self._on_step if host else None))
@@ -139,13 +143,14 @@ class Generator:
                 for i, (r, row) in enumerate(zip(requests, rows))]
 
     def _on_step(self, step: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Host callback of the decode loop: feed streams and sinks; end rows at stop strings."""
+        """Host callback of the decode loop: feed streams and sinks; end rows at stop strings
+        and cancelled rows."""
         done = np.zeros(tokens.shape, bool)
         for i, row in enumerate(self._rows):
             tok = int(tokens[i])
             if tok >= 0 and tok not in row.stop_ids:
                 row.send(row.stream.push(tok))
-            done[i] = row.stream.stopped
+            done[i] = row.stream.stopped or row.cancelled.is_set()
         return done
 
     def _result(self, row: "_Row", tokens: list[int], prompt_tokens: int,
@@ -170,6 +175,7 @@ class _Row:
     stream: TextStream
     sink: Callable[[str], None] | None
     stop_ids: set[int]
+    cancelled: threading.Event
 
     def send(self, text: str) -> None:
         if text and self.sink is not None:

@@ -58,12 +58,26 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions")
+
+
+def reject_unsupported(body: dict) -> None:
+    """A 400 for features this server does not implement, rather than silently ignoring them."""
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False, 0, "", [], {}):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name,
+                           code="unsupported_parameter")
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise APIError(400, f"only {name}=1 is supported", param=name,
+                           code="unsupported_parameter")
+
+
 def sampling_params(body: dict, *, default_max_tokens: int, max_tokens_key: str = "max_tokens"
                     ) -> SamplingParams:
     """``SamplingParams`` from OpenAI fields (plus vLLM's ``top_k`` and ``ignore_eos``), each
     checked and named on error."""
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    reject_unsupported(body)
     key = max_tokens_key if body.get(max_tokens_key) is not None else "max_tokens"
     return SamplingParams(
         max_new_tokens=_number(body, key, default_max_tokens, 1, 1 << 20, integer=True),

@@ -232,8 +232,12 @@ class Handler(BaseHTTPRequestHandler):
             (lambda text, reason: api.completion_chunk(rid, served.name, text, reason))
         if chat:
             self._event(chunk({"role": "assistant", "content": ""}, None))
-        while (piece := pieces.get()) is not _DONE:
-            self._event(chunk({"content": piece} if chat else piece, None))
+        try:
+            while (piece := pieces.get()) is not _DONE:
+                self._event(chunk({"content": piece} if chat else piece, None))
+        except (BrokenPipeError, ConnectionResetError):
+            request.cancelled.set()  # stop decoding for a client that is gone
+            raise
         if future.exception() is not None:  # headers are sent: report in-band
             log.error("generation failed", exc_info=future.exception())
             self._event(APIError(500, f"generation failed: {future.exception()}",
