@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 	touch $@
 
 demo: setup
-	$(PY) scripts/train.py --config=configs/tiny.py --workdir=runs/tiny
+	$(PY) scripts/sweep.py --config=configs/demo.py --workdir=runs/demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup

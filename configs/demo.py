@@ -7,9 +7,9 @@ over seeds; ``scripts/sweep.py`` turns the arms into results.csv, report.md and 
 
     python scripts/sweep.py --config=configs/demo.py --workdir=runs/demo
 
-Scaling the same study to a real model on a TPU VM is a matter of overrides, e.g.
-``--config=configs/demo.py:model=/path/to/roberta-large,steps=2000,batch=64`` with
-``config.mesh.fsdp=-1`` (every chip) and bf16 compute (``config.model.dtype=bfloat16``).
+Scaling the same study to a real model on a TPU VM is a matter of arguments, e.g.
+``--config=configs/demo.py:model=FacebookAI/roberta-large,steps=3000,batch=64,dtype=bfloat16``
+(the default mesh already spreads fsdp over every chip).
 """
 
 from pathlib import Path
@@ -18,18 +18,19 @@ from ftjax.config import base_config, finalize, parse_arg
 from ftjax.models.assets import minilm_path
 
 ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
-METHODS = ("head", "lora", "bottleneck", "bitfit", "full")
+METHODS = ("head", "lora", "pfeiffer", "bitfit", "full")
 SEEDS = (0, 1)
 # Per-method learning rates (a small model, a short budget): parameter-efficient methods need
 # larger steps than full fine-tuning.
-LEARNING_RATES = {"head": 3e-3, "lora": 1e-3, "bottleneck": 1e-3, "bitfit": 3e-3, "full": 1e-4}
+LEARNING_RATES = {"head": 3e-3, "lora": 1e-3, "pfeiffer": 1e-3, "bitfit": 3e-3, "full": 1e-4}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, model="", steps=120, batch=32, seq_len=64)
+    a = parse_arg(arg, model="", steps=120, batch=32, seq_len=64, dtype="float32")
     c = base_config()
     c.model.source = a.model or str(minilm_path())
     c.model.head = "sequence_classification"
+    c.model.dtype = a.dtype  # bfloat16 on TPU/GPU; parameters stay float32
     c.data.task = "classification"
     c.data.format = "label_text"
     c.data.train_path = str(ASSETS / "stsa.binary.train")
