@@ -28,19 +28,18 @@ from ftjax.peft import surgery
 VIRTUAL = ("prompt_embeddings", "prefix_embedding", "prefix_mlp")  # top-level parameters added
 
 
-class PrefixBuffer(nnx.Variable):
-    """Per-layer prefix keys/values, recomputed from the trainable prefix on every call."""
-
-
 class PrefixKV(nnx.Module):
-    """The attention hook: one layer's ``(keys, values)`` ``[n, K, H]`` (stacked ``[L, 2, n, K, H]``)."""
+    """The attention hook: one layer's ``(keys, values)`` ``[n, K, H]`` (stacked ``[L, 2, n, K, H]``).
+
+    ``kv`` is a plain array, replaced (never mutated) on every call by the model's forward, so a
+    traced prefix flows into the layer scan like any other per-layer state.
+    """
 
     def __init__(self, value: jax.Array):
-        self.kv = PrefixBuffer(value)
+        self.kv = nnx.data(value)
 
     def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kv = self.kv[...]
-        return kv[0], kv[1]
+        return self.kv[0], self.kv[1]
 
 
 def input_embedding(model: nnx.Module) -> layers.Embed:
@@ -100,10 +99,9 @@ class VirtualTokens:
 
     def _write_prefix(self) -> None:
         (_, attn), = attention_modules(self)
-        buf = attn.prefix.kv
-        num_layers, _, n, k, h = buf.shape
+        num_layers, _, n, k, h = attn.prefix.kv.shape
         flat = self.prefix_values().reshape(n, num_layers, 2, k, h)
-        buf.set_value(jnp.transpose(flat, (1, 2, 0, 3, 4)).astype(buf.get_value().dtype))
+        attn.prefix.kv = nnx.data(jnp.transpose(flat, (1, 2, 0, 3, 4)).astype(attn.prefix.kv.dtype))
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -159,8 +157,9 @@ def add_prefix(model: nnx.Module, n: int, *, key: jax.Array, projection: int = 0
     k1, k2 = jax.random.split(key)
     num_layers = jax.tree.leaves(nnx.state(attn))[0].shape[0]
     heads = getattr(attn, "num_kv_heads", attn.num_heads)
-    attn.prefix = PrefixKV(jnp.zeros((num_layers, 2, n, heads, attn.head_dim), jnp.float32))
-    surgery.place_like(table, attn.prefix)
+    zeros = jnp.zeros((num_layers, 2, n, heads, attn.head_dim), jnp.float32)
+    target = surgery.sharding_like(table, zeros.shape, (None,) * zeros.ndim)
+    attn.prefix = PrefixKV(zeros if target is None else jax.device_put(zeros, target))
     width = num_layers * 2 * heads * attn.head_dim
     d = table.get_value().shape[-1]
     if projection:

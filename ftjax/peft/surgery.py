@@ -9,7 +9,6 @@ weight they adapt, so a LoRA ``A`` ``(layers, embed, lora_rank)`` is split like 
 from __future__ import annotations
 
 import re
-from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -87,9 +86,9 @@ def new_param(like: nnx.Variable, init: Init, shape: Sequence[int], axes: Sequen
               key: jax.Array, dtype: Any = None, cls: type = nnx.Param) -> nnx.Variable:
     """A fresh parameter ``init(key, shape, dtype)`` born in the sharding of ``axes`` next to ``like``."""
     shape, axes = tuple(shape), tuple(axes)
-    dtype = dtype or float_dtype(like)
-    value = compute_like(like, partial(init, shape=shape, dtype=dtype), key, axes=axes)
-    return cls(value, logical_axes=axes)
+    value = init(key, shape, dtype or float_dtype(like))
+    target = sharding_like(like, shape, axes)
+    return cls(value if target is None else jax.device_put(value, target), logical_axes=axes)
 
 
 def float_dtype(var: nnx.Variable) -> Any:
