@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import heads, layers, weights
+from ftjax.models import heads, layers, llama, weights
 from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
@@ -84,7 +84,9 @@ def _norm(cfg: GemmaConfig, features: int, rngs: nnx.Rngs) -> layers.RMSNorm:
     return layers.RMSNorm(features, eps=cfg.rms_norm_eps, offset=1.0, rngs=rngs, **_dtypes(cfg))
 
 
-class GemmaAttention(nnx.Module):
+class GemmaAttention(llama.LlamaAttention):
+    """Llama's attention forward with Gemma's query scale, soft-cap and (1 + w) q/k norms."""
+
     def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
         d, h, std, dt = cfg.hidden_size, cfg.head_dim, cfg.initializer_range, _dtypes(cfg)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
@@ -97,25 +99,7 @@ class GemmaAttention(nnx.Module):
         self.o_proj = layers.Linear(cfg.num_heads * h, d, axes=("heads", "embed"), **proj)
         self.q_norm = _norm(cfg, h, rngs) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, h, rngs) if cfg.qk_norm else None
-
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 inv_freq: jax.Array, cache: LayerKV | None = None
-                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
-        """With ``cache``: attend over the cache after writing the new keys; return it too."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = layers.apply_rope(q, positions, inv_freq)
-        k = layers.apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            cache = cache.write(k, v)
-            k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
-        out = self.o_proj(out.reshape(b, t, -1))
-        return out if cache is None else (out, cache)
+        self.prefix = nnx.data(None)  # prefix-tuning hook, as in Llama
 
 
 class GemmaMLP(nnx.Module):

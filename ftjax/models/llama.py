@@ -63,10 +63,13 @@ def _dtypes(cfg: LlamaConfig) -> dict:
 
 
 class LlamaAttention(nnx.Module):
+    """Rotary grouped-query attention; Gemma reuses the forward with its own scale and soft-cap."""
+
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, h, std = cfg.hidden_size, cfg.resolved_head_dim, cfg.initializer_range
         dt = _dtypes(cfg)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
+        self.scale, self.softcap = h ** -0.5, None
         self.q_proj = layers.Linear(d, cfg.num_heads * h, axes=("embed", "heads"),
                                     use_bias=cfg.attention_bias, init_std=std, rngs=rngs, **dt)
         self.k_proj = layers.Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv"),
@@ -97,7 +100,7 @@ class LlamaAttention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v)
             k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                                            prefix=None if self.prefix is None else self.prefix())
         out = self.o_proj(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
