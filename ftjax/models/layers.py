@@ -32,6 +32,16 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` as one 2-D matmul over the flattened leading axes.
+
+    The weight gradient then contracts a single token axis, which XLA:CPU runs without
+    transposing the activations (the ``...i,io`` einsum copied ``dy`` transposed in every layer).
+    """
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
 
@@ -44,7 +54,7 @@ class Linear(nnx.Module):
         self.bias = param(rngs, zeros, (out_features,), param_dtype, (axes[1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -63,7 +73,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class RMSNorm(nnx.Module):
