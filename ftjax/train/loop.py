@@ -24,7 +24,7 @@ from ftjax import distributed, sharding
 from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
-from ftjax.train import optim, regularizers
+from ftjax.train import memory, optim, regularizers
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
 from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
@@ -90,6 +90,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
              f"{exp.num_total:,} ({100 * exp.num_trainable / max(exp.num_total, 1):.2f}%)")
 
     tx = optim.make_optimizer(t, **exp.plan.optimizer_kwargs())
+    budget = memory.for_experiment(exp, tx)
+    log.info(budget.summary())
+    memory.check(budget)  # refuse (with suggestions) before allocating optimizer state
     state = init_state(exp, tx)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     frozen_sharding = jax.tree.map(lambda x: x.sharding, exp.frozen)
