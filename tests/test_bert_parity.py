@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.torch import load_file
 
 from ftjax import sharding
-from ftjax.models import bert, registry
+from ftjax.models import bert, layers, registry
 from hf_weights import export_torch_weights, load_torch_weights
 
 NUM_LABELS = 3
@@ -149,10 +149,16 @@ def test_dropout_is_opt_in_and_off_in_eval():
     ids = jnp.asarray(make_batch("bert")[0])
     evaluated = model(ids)
     np.testing.assert_array_equal(model(ids), evaluated)
-    model.train()
-    first, second = model(ids), model(ids)
+    graphdef, state = nnx.split(model)
+
+    def training(seed):
+        m = nnx.merge(graphdef, state)
+        layers.set_dropout_key(m, jax.random.key(seed))
+        return m(ids)
+
+    first, second = training(0), training(1)
     assert not np.allclose(first, evaluated) and not np.allclose(first, second)
-    model.eval()
+    np.testing.assert_array_equal(training(0), first)
     np.testing.assert_array_equal(model(ids), evaluated)
 
 

@@ -6,8 +6,8 @@ classification head and the HF names of its heads. Below the backbone, parameter
 the HF module tree (``encoder.layer.N.attention.self.query``, layers stacked on a leading axis);
 every head keeps the backbone at ``model`` (HF: ``bert.`` / ``roberta.`` / bare for BertModel).
 
-Dropout is opt-in (``dropout > 0``) and off until ``model.train()``: the model then owns an nnx
-``dropout`` rng stream, and scanned layers receive their keys as per-layer inputs.
+Dropout is opt-in (``dropout > 0``) and active only in the train step, which installs a fresh key
+per step (``layers.set_dropout_key``); scanned layers receive their keys as per-layer inputs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class BertConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     model_type: str = "bert"  # "roberta": padding-offset positions and RoBERTa heads
-    dropout: float = 0.0  # hidden + classifier dropout, active only after ``model.train()``
+    dropout: float = 0.0  # hidden + classifier dropout, active only in the train step
     # runtime switches (not architecture)
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -76,12 +76,12 @@ def _layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> layers.LayerNorm:
     return layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
 
 
-def _dropout(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.Dropout | None:
-    return nnx.Dropout(cfg.dropout, deterministic=True, rngs=rngs) if cfg.dropout else None
+def _dropout(cfg: BertConfig) -> layers.Dropout | None:
+    return layers.Dropout(cfg.dropout) if cfg.dropout else None
 
 
-def _apply_dropout(drop: nnx.Dropout | None, x: jax.Array) -> jax.Array:
-    return x if drop is None else drop(x)
+def _apply_dropout(drop: layers.Dropout | None, x: jax.Array, salt: int = 0) -> jax.Array:
+    return x if drop is None else drop(x, salt)
 
 
 def roberta_positions(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
@@ -193,7 +193,7 @@ class BertModel(nnx.Module):
         self.embeddings = BertEmbeddings(cfg, rngs=rngs)
         self.encoder = BertEncoder(cfg, rngs=rngs)
         self.pooler = BertPooler(cfg, rngs=rngs) if pooler else None
-        self.dropout = _dropout(cfg, rngs)
+        self.dropout = _dropout(cfg)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -210,8 +210,8 @@ class BertModel(nnx.Module):
         h = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
         h = sharding.constrain(_apply_dropout(self.dropout, h), "batch", "act_seq", "act_embed")
         keys = None
-        if self.dropout is not None and not self.dropout.deterministic:
-            keys = jax.random.split(self.dropout.rngs(), (cfg.num_layers, 2))
+        if self.dropout is not None:
+            keys = self.dropout.keys((cfg.num_layers, 2))
         return run_layers(self.encoder.layer, h, lambda blk, x, k: blk(x, mask, k),
                           scan=cfg.scan_layers, remat=cfg.remat, per_layer=keys)
 
@@ -244,11 +244,11 @@ class RobertaClassificationHead(nnx.Module):
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.dense = _linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed"), rngs)
         self.out_proj = _linear(cfg, cfg.hidden_size, num_labels, ("embed", "labels"), rngs)
-        self.dropout = _dropout(cfg, rngs)
+        self.dropout = _dropout(cfg)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         x = jnp.tanh(self.dense(_apply_dropout(self.dropout, h[:, 0])))
-        return self.out_proj(_apply_dropout(self.dropout, x))
+        return self.out_proj(_apply_dropout(self.dropout, x, salt=1))
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -261,7 +261,7 @@ class BertForSequenceClassification(nnx.Module):
             self.dropout = None
         else:
             self.classifier = _linear(cfg, cfg.hidden_size, num_labels, ("embed", "labels"), rngs)
-            self.dropout = _dropout(cfg, rngs)
+            self.dropout = _dropout(cfg)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  inputs_embeds=None, token_type_ids=None) -> jax.Array:
@@ -278,7 +278,7 @@ class BertForTokenClassification(nnx.Module):
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.model = BertModel(cfg, pooler=False, rngs=rngs)
         self.classifier = _linear(cfg, cfg.hidden_size, num_labels, ("embed", "labels"), rngs)
-        self.dropout = _dropout(cfg, rngs)
+        self.dropout = _dropout(cfg)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
                  inputs_embeds=None, token_type_ids=None) -> jax.Array:

@@ -222,6 +222,33 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+class Dropout(nnx.Module):
+    """Dropout driven by a key the train step installs (``set_dropout_key``): the identity
+    until then, so evaluation, export and serving never drop anything.
+
+    Keeping the key out of an nnx rng stream keeps the step pure: nothing mutates inside grad.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.key = nnx.data(None)
+
+    def __call__(self, x: jax.Array, salt: int = 0) -> jax.Array:
+        key = None if self.key is None else jax.random.fold_in(self.key, salt)
+        return dropout(x, self.rate, key)
+
+    def keys(self, shape: tuple[int, ...]) -> jax.Array | None:
+        """Fresh keys (e.g. one per scanned layer), or None when dropout is off."""
+        return None if self.key is None else jax.random.split(jax.random.fold_in(self.key, 2**31 - 1), shape)
+
+
+def set_dropout_key(model: nnx.Module, key: jax.Array) -> None:
+    """Install a distinct key in every ``Dropout`` of ``model`` (training mode)."""
+    found = [m for _, m in nnx.iter_graph(model) if isinstance(m, Dropout)]
+    for i, module in enumerate(found):
+        module.key = nnx.data(jax.random.fold_in(key, i))
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout with an explicit key; the identity when ``key`` is None or ``rate`` is 0.
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ftjax.models import layers
 from ftjax.train import optim
 
 LOSS_KINDS = {"causal_lm": "lm", "sequence_classification": "classification",
@@ -91,6 +92,17 @@ def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str, num_ta
                                      num_segments=num_tasks) for x in terms)
 
 
+def training_model(graphdef: nnx.GraphDef, params: Any, frozen: Any, rng: jax.Array) -> nnx.Module:
+    """The model in training mode: every dropout gets a key from the step's RNG.
+
+    The key comes from the train state (folded with the step), so every step draws fresh masks
+    and a resumed run draws the same ones.
+    """
+    model = nnx.merge(graphdef, params, frozen)
+    layers.set_dropout_key(model, rng)
+    return model
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, kind: str,
                     grad_accum: int = 1,
                     schedule: Callable[[Any], Any] | None = None,
@@ -104,8 +116,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     metrics add ``task_loss``, ``task_accuracy`` and ``task_weight``, each ``[num_tasks]``.
     """
 
-    def loss_sum(params, frozen, micro):
-        model = nnx.merge(graphdef, params, frozen)
+    def loss_sum(params, frozen, micro, rng):
+        model = training_model(graphdef, params, frozen, rng)
         logits = model(**model_inputs(micro))
         total, weight, correct = loss_terms(logits, micro, kind, num_tasks)
         return jnp.sum(total), (total, weight, correct)
@@ -114,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
     def step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
         if grad_accum == 1:
-            (_, (total, weight, correct)), grads = grad_fn(state.params, frozen, batch)
+            (_, (total, weight, correct)), grads = grad_fn(state.params, frozen, batch, state.rng)
         else:
             # Micro-batch i takes rows i, i+A, i+2A, ... so every micro-batch stays evenly sharded.
             micro = jax.tree.map(
@@ -122,13 +134,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                 batch)
 
             def body(carry, mb):
-                (_, (t, w, c)), g = grad_fn(state.params, frozen, mb)
+                mb, rng = mb
+                (_, (t, w, c)), g = grad_fn(state.params, frozen, mb, rng)
                 acc_t, acc_w, acc_c, acc_g = carry
                 return (acc_t + t, acc_w + w, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             sums = jnp.zeros((num_tasks,) if num_tasks > 1 else ())
-            (total, weight, correct, grads), _ = jax.lax.scan(body, (sums, sums, sums, zeros), micro)
+            keys = jax.random.split(state.rng, grad_accum)
+            (total, weight, correct, grads), _ = jax.lax.scan(body, (sums, sums, sums, zeros),
+                                                              (micro, keys))
         per_task = dict(task_loss=total / jnp.maximum(weight, 1.0), task_weight=weight,
                         task_accuracy=correct / jnp.maximum(weight, 1.0)) if num_tasks > 1 else {}
         total, weight, correct = jnp.sum(total), jnp.sum(weight), jnp.sum(correct)
