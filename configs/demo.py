@@ -22,11 +22,11 @@ METHODS = ("head", "lora", "pfeiffer", "bitfit", "full")
 SEEDS = (0, 1)
 # Per-method learning rates (a small model, a short budget): parameter-efficient methods need
 # larger steps than full fine-tuning.
-LEARNING_RATES = {"head": 3e-3, "lora": 1e-3, "pfeiffer": 1e-3, "bitfit": 3e-3, "full": 1e-4}
+LEARNING_RATES = {"head": 3e-3, "lora": 2e-3, "pfeiffer": 1e-3, "bitfit": 3e-3, "full": 2e-4}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, model="", steps=120, batch=32, seq_len=64, dtype="float32")
+    a = parse_arg(arg, model="", steps=200, batch=32, seq_len=48, dtype="float32")
     c = base_config()
     c.model.source = a.model or str(minilm_path())
     c.model.head = "sequence_classification"
@@ -38,6 +38,9 @@ def get_config(arg=None):
     c.data.labels = ["0", "1"]
     c.data.label_names = ["negative", "positive"]
     c.data.seq_len = a.seq_len
+    # LoRA (r=8) on the attention queries and values, plus the [CLS] pooler, which this
+    # sentence-embedding checkpoint never trained for classification.
+    c.method.lora.targets = r"(self/query|self/value|pooler/dense)$"
     c.train.steps = a.steps
     c.train.batch_size = a.batch
     c.train.learning_rate = LEARNING_RATES["full"]
