@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from ftjax.models import layers
-from ftjax.peft import freezing, prompt, surgery
+from ftjax.models.registry import count_params
+from ftjax.peft import freezing, prompt, quant, surgery
 from ftjax.peft.adapters import TARGETS as ADAPTER_TARGETS, BottleneckLinear
 from ftjax.peft.config import method_config
 from ftjax.peft.ia3 import IA3Linear
@@ -168,6 +169,13 @@ def unmerge(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def total_weights(model: nnx.Module) -> int:
+    """Parameters of the model as a float model would count them (quantised kernels included)."""
+    quantized = sum(m.num_weights for _, m in nnx.iter_graph(model)
+                    if isinstance(m, quant.QuantizedKernel))
+    return count_params(model) + quantized
+
+
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
     """The plain model (every wrapper replaced by a ``layers.Linear`` holding merged, dequantised
     weights), ready for ``save_pretrained``; virtual tokens and bottleneck adapters cannot merge."""
@@ -182,5 +190,5 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
 
 from ftjax.peft.peft_format import export_peft, import_peft, method_from_peft  # noqa: E402  (needs apply_method)
 
-__all__ = ["METHODS", "MethodPlan", "apply_method", "export_peft", "import_peft", "merge",
+__all__ = ["METHODS", "MethodPlan", "apply_method", "total_weights", "export_peft", "import_peft", "merge",
            "merge_and_unload", "method_config", "method_from_peft", "unmerge"]

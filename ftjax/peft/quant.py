@@ -84,5 +84,10 @@ class QuantizedKernel(nnx.Module):
         return dequantize(self.codes[...], self.scales[...], self.kind, self.block_size, self.dtype)
 
     @property
+    def num_weights(self) -> int:
+        """Elements of the float kernel it stands for (NF4 packs two per byte)."""
+        return int(self.codes.get_value().size) * (2 if self.kind == "nf4" else 1)
+
+    @property
     def nbytes(self) -> int:
         return self.codes.get_value().nbytes + self.scales.get_value().nbytes

@@ -45,7 +45,7 @@ class Experiment:
 
     @property
     def num_total(self) -> int:
-        return count_params(self.model)
+        return peft.total_weights(self.model)
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
