@@ -231,3 +231,23 @@ def test_every_method_learns_on_a_2x4_mesh(loss_kind, kind):
         state, metrics = step(state, frozen, b)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.02, losses
+
+
+def test_lora_alpha_is_traced_so_alpha_sweeps_share_one_compile():
+    """Two alphas: the same graph (one compiled program), and the weight update scales with alpha."""
+    mesh = mesh_2x4()
+    b = batch("lm")
+    plans = [peft.apply_method(model_for("lm", mesh), method("lora", lora=dict(alpha=a)))
+             for a in (8.0, 32.0)]
+    graphdefs = [nnx.split(p.model, p.trainable, ...)[0] for p in plans]
+    assert graphdefs[0] == graphdefs[1]
+    deltas = []
+    for p in plans:  # the same A (same seed) and the same non-zero B, so only the scale differs
+        lins = [lin for _, lin in nnx.iter_graph(p.model) if isinstance(lin, LoRALinear)]
+        for lin in lins:
+            lin.lora_b[...] = jnp.full_like(lin.lora_b[...], 0.01)
+        deltas.append([np.asarray(lin.delta()) for lin in lins])
+    for d8, d32 in zip(*deltas):
+        np.testing.assert_allclose(d32, 4 * d8, rtol=1e-6)
+    assert np.abs(np.asarray(plans[0].model(b["input_ids"]))
+                  - np.asarray(plans[1].model(b["input_ids"]))).max() > 1e-4

@@ -25,6 +25,11 @@ def column_norm(w: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2))
 
 
+class LoRAScale(nnx.Variable):
+    """The LoRA scale ``s`` (one per stacked layer): frozen state rather than a Python constant,
+    so sweep arms that differ only in ``alpha`` run the same compiled step."""
+
+
 class LoRALinear(WrappedLinear):
     """A Linear with a low-rank update (optionally DoRA); stacked like the kernel it adapts."""
 
@@ -37,7 +42,9 @@ class LoRALinear(WrappedLinear):
         lead_shape, lead_axes = surgery.lead(kernel, 2)
         in_axis, out_axis = surgery.axes_of(kernel)[-2:]
         self.rank = rank
-        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        scale = alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = surgery.new_param(kernel, surgery.constant(scale), lead_shape, lead_axes,
+                                         key, dtype=jnp.float32, cls=LoRAScale)
         self.lora_a = surgery.new_param(kernel, surgery.uniform(1 / math.sqrt(self.in_features)),
                                         lead_shape + (self.in_features, rank),
                                         lead_axes + (in_axis, "lora_rank"), key)
@@ -55,7 +62,7 @@ class LoRALinear(WrappedLinear):
     def delta(self) -> jax.Array:
         """``s A B`` ``[..., in, out]`` (stacked axes included)."""
         a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
-        return self.scaling * jnp.einsum("...ir,...ro->...io", a, b)
+        return self.scaling[...][..., None, None] * jnp.einsum("...ir,...ro->...io", a, b)
 
     def dora_scale(self, w: jax.Array) -> jax.Array:
         """``m / ||W + s A B||`` per output column, the norm detached from the gradient."""
@@ -69,7 +76,8 @@ class LoRALinear(WrappedLinear):
         w = self.weight()
         a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
         y = jnp.einsum("...i,io->...o", x, w)
-        update = self.scaling * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+        s = self.scaling[...].astype(self.dtype)  # a scalar here: blocks run one layer at a time
+        update = s * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
         if self.magnitude is None:
             return self.add_bias(y + update)
         return self.add_bias(self.dora_scale(w).astype(self.dtype) * (y + update))
