@@ -12,12 +12,10 @@ Scaling the same study to a real model on a TPU VM is a matter of arguments, e.g
 (the default mesh already spreads fsdp over every chip).
 """
 
-from pathlib import Path
-
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import minilm_path
 
-ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
 METHODS = ("head", "lora", "pfeiffer", "bitfit", "full")
 SEEDS = (0, 1)
 # Per-method learning rates (a small model, a short budget): parameter-efficient methods need
@@ -31,12 +29,7 @@ def get_config(arg=None):
     c.model.source = a.model or str(minilm_path())
     c.model.head = "sequence_classification"
     c.model.dtype = a.dtype  # bfloat16 on TPU/GPU; parameters stay float32
-    c.data.task = "classification"
-    c.data.format = "label_text"
-    c.data.train_path = str(ASSETS / "stsa.binary.train")
-    c.data.eval_path = str(ASSETS / "stsa.binary.dev")  # the 872 GLUE SST-2 dev sentences
-    c.data.labels = ["0", "1"]
-    c.data.label_names = ["negative", "positive"]
+    presets.sst2(c.data)
     c.data.seq_len = a.seq_len
     # LoRA (r=8) on the attention queries and values, plus the [CLS] pooler, which this
     # sentence-embedding checkpoint never trained for classification.

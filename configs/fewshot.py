@@ -10,12 +10,10 @@ writes the sweep report (report.md) and fewshot.md + learning_curve.png (mean ±
 against k). ``:ks=4+8,draws=2,max_eval=200`` shrinks it; ``model=tiny-llama`` is a smoke run.
 """
 
-from pathlib import Path
-
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import smollm2_gguf_path
 
-ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
 
 
 def _args(arg):
@@ -35,14 +33,8 @@ def get_config(arg=None):
         c.data.tokenizer = str(smollm2_gguf_path().parent)
         c.data.tokenizer_file = smollm2_gguf_path().name
         c.model.overrides = {"vocab_size": 49152}  # SmolLM2's vocabulary
-    c.data.task = "text_to_text"
-    c.data.format = "label_text"
-    c.data.train_path = str(ASSETS / "stsa.binary.train")
-    c.data.eval_path = str(ASSETS / "stsa.binary.dev")
+    presets.sst2(c.data, task="text_to_text")
     c.data.seq_len = 128
-    c.data.label_names = ["negative", "positive"]
-    c.data.prompt_template = "Review: {text}\nSentiment:"
-    c.data.verbalizers = ["negative", "positive"]
     c.incontext.draws = a.draws
     c.incontext.max_examples = a.max_eval
     c.train.steps = a.steps

@@ -12,10 +12,10 @@ evaluation per task with its step. One run alone: ``scripts/train.py --config=co
 from pathlib import Path
 
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import minilm_path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "ftjax" / "data" / "assets" / "sst2"
 TASKS = ("sst2", "trec")
 SEEDS = (0, 1)
 
@@ -28,16 +28,8 @@ def get_config(arg=None):
     if not Path(c.model.source).is_dir():  # a preset (e.g. tiny-bert): borrow MiniLM's tokenizer
         c.data.tokenizer = str(minilm_path())
     c.model.head = "sequence_classification"
-    c.data.task = "classification"
-    c.data.format = "label_text"
+    presets.sst2_trec_mixture(c.data, a.data)
     c.data.seq_len = a.seq_len
-    c.data.mixture.tasks = {
-        "sst2": dict(train_path=str(ASSETS / "stsa.binary.train"), eval_path=str(ASSETS / "stsa.binary.dev"),
-                     labels=["0", "1"], label_names=["negative", "positive"]),
-        "trec": dict(train_path=f"{a.data}/trec/TREC.train.all", eval_path=f"{a.data}/trec/TREC.test.all",
-                     encoding="iso-8859-1", labels=["0", "1", "2", "3", "4", "5"],
-                     label_names=["DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC"]),
-    }
     c.data.mixture.weighting = a.weighting
     c.data.mixture.weights = {t: 1.0 for t in TASKS}  # used by weighting=explicit (single-task arms)
     c.train.steps = a.steps

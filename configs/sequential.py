@@ -14,10 +14,10 @@ shared data folder by default); ``model=tiny-bert`` gives a seconds-long smoke r
 from pathlib import Path
 
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import minilm_path
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "ftjax" / "data" / "assets" / "sst2"
 
 
 def get_config(arg=None):
@@ -29,16 +29,8 @@ def get_config(arg=None):
         c.data.tokenizer = str(minilm_path())
     c.model.head = "sequence_classification"
     c.method.kind = a.method
-    c.data.task = "classification"
-    c.data.format = "label_text"
+    presets.sst2_trec_mixture(c.data, a.data)
     c.data.seq_len = a.seq_len
-    c.data.mixture.tasks = {
-        "sst2": dict(train_path=str(ASSETS / "stsa.binary.train"), eval_path=str(ASSETS / "stsa.binary.dev"),
-                     labels=["0", "1"], label_names=["negative", "positive"]),
-        "trec": dict(train_path=f"{a.data}/trec/TREC.train.all", eval_path=f"{a.data}/trec/TREC.test.all",
-                     encoding="iso-8859-1", labels=["0", "1", "2", "3", "4", "5"],
-                     label_names=["DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC"]),
-    }
     c.stages = [dict(task="sst2", steps=a.steps), dict(task="trec", steps=a.steps, replay=a.replay)]
     c.regularizer.kind = a.reg
     c.regularizer.strength = a.strength

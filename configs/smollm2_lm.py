@@ -6,12 +6,10 @@ for any ``config.method.kind``.
 Variants: ``--config=configs/smollm2_lm.py:steps=200,batch=16,seq_len=256``.
 """
 
-from pathlib import Path
-
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import smollm2_gguf_path
 
-ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
 
 
 def get_config(arg=None):
@@ -21,10 +19,7 @@ def get_config(arg=None):
     c.model.head = "causal_lm"
     c.method.kind = "lora"
     c.method.lora.targets = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-    c.data.task = "lm"
-    c.data.format = "label_text"
-    c.data.train_path = str(ASSETS / "stsa.binary.train")
-    c.data.eval_path = str(ASSETS / "stsa.binary.dev")
+    presets.sst2(c.data, task="lm")
     c.data.seq_len = a.seq_len
     c.train.steps = a.steps
     c.train.batch_size = a.batch

