@@ -82,8 +82,8 @@ def test_activation_estimate_tracks_xla_buffer_assignment(remat):
     mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
     b, t = 4, 128
     est = memory.estimate(params, frozen, tx, mesh, cfg, batch_size=b, seq_len=t, remat=remat)
-    state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                opt_state=tx.init(p), rng=jax.random.key(0)), params)
+    state = jax.eval_shape(lambda p: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=jax.random.key(0)), params)
     ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
     batch = dict(input_ids=ids, targets=ids, loss_mask=ids, segment_ids=ids, positions=ids)
     compiled = jax.jit(make_train_step(graphdef, tx, kind="lm"), donate_argnums=(0,)).lower(

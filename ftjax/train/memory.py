@@ -80,8 +80,8 @@ class MemoryEstimate:
             shrunk = state * self.model_shards // self.devices + self.activations
             out.append(f"shard parameters, gradients and optimizer state over all {self.devices} "
                        f"devices (config.mesh.fsdp=-1, data=1): ~{gib(shrunk)}")
-        stronger = REMAT_ORDER[REMAT_ORDER.index(self.remat) + 1:] if self.remat in REMAT_ORDER else ()
-        for policy in stronger:
+        known = self.remat in REMAT_ORDER
+        for policy in REMAT_ORDER[REMAT_ORDER.index(self.remat) + 1:] if known else ():
             saved = self.activations - self.activations_by_remat[policy]
             if saved > 0:
                 out.append(f"recompute activations (config.model.remat={policy!r}): "
