@@ -54,7 +54,8 @@ def test_llama3_8b_full_and_lora_match_hand_computation():
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in base_weights)
     est = memory.estimate(params, frozen, tx, mesh, cfg, batch_size=8, seq_len=2048)
     assert est.grads == lora
-    assert est.params == base + lora
+    scales = 4 * LAYERS * 2  # one float32 LoRA scale per layer and target (frozen state)
+    assert est.params == base + lora + scales
     assert 0 <= est.optimizer - 2 * lora < 1024
     assert est.activations == full.activations  # same forward, same batch
 
