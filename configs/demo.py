@@ -20,7 +20,7 @@ METHODS = ("head", "lora", "pfeiffer", "bitfit", "full")
 SEEDS = (0, 1)
 # Per-method learning rates (a small model, a short budget): parameter-efficient methods need
 # larger steps than full fine-tuning.
-LEARNING_RATES = {"head": 3e-3, "lora": 2e-3, "pfeiffer": 1e-3, "bitfit": 3e-3, "full": 2e-4}
+LEARNING_RATES = {"head": 3e-3, "lora": 3e-3, "pfeiffer": 1e-3, "bitfit": 3e-3, "full": 2e-4}
 
 
 def get_config(arg=None):
