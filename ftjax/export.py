@@ -49,7 +49,7 @@ def export_run(workdir: str | Path, fmt: str, out: str | Path, checkpoint: str =
             raise ValueError(f"method {kind!r} trains the model's own weights: there is no adapter to "
                              f"export; use --format=hf")
         from ftjax.peft import export_peft
-        export_peft(exp.model, config.method, out)
+        export_peft(exp.model, config.method, out, base_model_name_or_path=config.model.source)
     else:
         from ftjax.models.gguf_io import save_gguf
         save_gguf(merged_model(exp.model, kind), exp.tokenizer, out / f"model-{gguf_dtype}.gguf", gguf_dtype)

@@ -92,3 +92,46 @@ def test_peft_export_of_a_full_run_is_a_clear_error(run, tmp_path):
     _, workdir = run
     with pytest.raises(ValueError, match="no adapter"):
         export_run(workdir, "peft", tmp_path / "peft")
+
+
+@pytest.mark.slow
+def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path):
+    """A LoRA run on a transformers-saved base, exported by scripts/export.py --format=peft, gives
+    ftjax's logits when HF peft puts the adapter on that base."""
+    import peft
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from configs.tiny import get_config
+    from ftjax.train.loop import train
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128)).save_pretrained(base_dir)
+    config = get_config("steps=3")
+    config.model.source = str(base_dir)
+    config.method.kind = "lora"
+    config.mesh.num_devices = 1
+    config.eval.max_batches = 1
+    config.checkpoint.async_save = False
+    workdir = tmp_path / "run"
+    train(config, workdir)
+
+    out = tmp_path / "peft"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), f"--workdir={workdir}",
+                           "--format=peft", f"--out={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir)
+
+    ids = np.asarray([[101, 7592, 2088, 999, 102], [101, 2023, 3185, 2003, 102]])
+    ours = _ftjax_logits(workdir, ids)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(ids)).logits.numpy()
+        plain = model.get_base_model()
+        with model.disable_adapter():
+            base_logits = plain(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(theirs - base_logits).max() > 1e-4  # the trained adapter changes the logits
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert "Method: `lora`" in (out / "README.md").read_text()
