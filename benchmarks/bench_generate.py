@@ -69,7 +69,8 @@ def _generator(stack: str) -> Callable[[list[list[int]], int], list[list[int]]]:
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     # Never stop at EOS (as ftjax's stop_token_ids=()) without suppressing it (min_new_tokens would).
-    ref.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    ref.generation_config.pad_token_id = tokenizer.eos_token_id if pad is None else pad
     ref.generation_config.eos_token_id = None
 
     def theirs(prompts: list[list[int]], k: int) -> list[list[int]]:
