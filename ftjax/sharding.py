@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ftjax.errors import FtjaxError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -38,7 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(FtjaxError, ValueError):
     """A mesh that cannot be built on the available devices."""
 
 

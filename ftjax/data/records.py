@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ftjax.errors import FtjaxError
 
-class DataError(ValueError):
+
+class DataError(FtjaxError, ValueError):
     """Bad input data or data config; the message names the file, the line and a fix."""
 
 

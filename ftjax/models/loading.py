@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax import sharding
+from ftjax.errors import FtjaxError
 from ftjax.models import registry, weights
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ IGNORED_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FtjaxError, ValueError):
     """A checkpoint that does not fit the model; the message names the offending tensors."""
 
 

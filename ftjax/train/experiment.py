@@ -17,12 +17,13 @@ from jax.sharding import Mesh
 
 from ftjax import models, peft, sharding
 from ftjax.data import pipeline
+from ftjax.errors import FtjaxError
 from ftjax.models.registry import count_params
 from ftjax.train import warm_start
 from ftjax.train.step import LOSS_KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(FtjaxError, ValueError):
     """A config that cannot work, found before any compile."""
 
 

@@ -32,12 +32,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import sharding
+from ftjax.errors import FtjaxError
 
 GIB = 1024 ** 3
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(FtjaxError, ValueError):
     """The run's estimated per-device memory exceeds what the device has."""
 
 
