@@ -8,11 +8,12 @@ Config files in ``configs/`` build on ``base_config()`` and return ``finalize(co
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import ml_collections
 
 from ftjax.data.config import data_config
+from ftjax.paths import as_path
 from ftjax.peft.config import method_config
 
 
@@ -99,9 +100,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a training run saved as ``workdir/config.json`` (written by the train loop), locked."""
-    path = Path(workdir) / "config.json"
+    path = as_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a training run?")
     return finalize(ml_collections.ConfigDict(json.loads(path.read_text())))

@@ -1,7 +1,5 @@
 """Evaluate a trained run: python scripts/evaluate.py --config=... --workdir=DIR [--checkpoint=latest|best|STEP]."""
 
-from pathlib import Path
-
 import jax
 from absl import flags
 from ml_collections import config_flags
@@ -21,6 +19,7 @@ def main(argv):
     from ftjax.eval.loop import Evaluator
     from ftjax.eval.metrics import format_table
     from ftjax.eval.plots import save_confusion_matrix
+    from ftjax.paths import as_path
     from ftjax.train.loop import load_trained, write_eval
 
     config = _CONFIG.value
@@ -31,7 +30,7 @@ def main(argv):
     metrics = eval_tasks.evaluate(evaluator, exp.params, exp.frozen, exp.pipe,
                                   config.eval.batch_size, config.eval.max_batches)
     if jax.process_index() == 0:
-        workdir = Path(_WORKDIR.value)
+        workdir = as_path(_WORKDIR.value)
         write_eval(workdir, metrics, step)
         print(f"checkpoint step {step}\n{format_table(metrics)}")
         if "confusion_matrix" in metrics:

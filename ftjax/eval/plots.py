@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
+
+from ftjax.paths import as_path
 
 
-def save_confusion_matrix(confusion: np.ndarray, label_names: Sequence[str], path: str | Path,
-                          title: str = "") -> Path:
+def save_confusion_matrix(confusion: np.ndarray, label_names: Sequence[str], path: str | os.PathLike,
+                          title: str = "") -> epath.Path:
     """Counts with row-normalised colours (rows = true labels, columns = predictions)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -33,8 +36,16 @@ def save_confusion_matrix(confusion: np.ndarray, label_names: Sequence[str], pat
                         color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(title or f"confusion matrix ({int(cm.sum())} examples)")
     fig.tight_layout()
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
+
+
+def save_figure(fig, path: epath.Path) -> None:
+    """Save a matplotlib figure as PNG to a local path or a URL (matplotlib writes to a file object)."""
+    import matplotlib.pyplot as plt
+
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import os
 from typing import Sequence
 
 import jax
 import ml_collections
+from etils import epath
 
+from ftjax.eval.plots import save_figure
 from ftjax.experiments import report, stats
 from ftjax.experiments.sweep import Arm
+from ftjax.paths import as_path
 
 
 def group(k: int) -> str:
@@ -26,13 +29,13 @@ def group(k: int) -> str:
     return f"finetune k={k}"
 
 
-def run_incontext(config: ml_collections.ConfigDict, ks: Sequence[int], workdir: str | Path) -> dict[int, dict]:
+def run_incontext(config: ml_collections.ConfigDict, ks: Sequence[int], workdir: str | os.PathLike) -> dict[int, dict]:
     """In-context evaluation of ``config.model.source`` at every k (``DIR/incontext/k<K>.json``,
     reused when present)."""
     from ftjax.eval.incontext import evaluate_incontext, format_summary
     from ftjax.train.experiment import build
 
-    out_dir = Path(workdir) / "incontext"
+    out_dir = as_path(workdir) / "incontext"
     results, exp = {}, None
     for k in ks:
         path = out_dir / f"k{k}.json"
@@ -56,10 +59,10 @@ def _cell(values: list[float]) -> str:
     return f"{s.mean:.4f} ± {s.std:.4f} (n={s.n})"
 
 
-def learning_curve(workdir: str | Path, arms: list[Arm], ks: Sequence[int], incontext: dict[int, dict],
-                   metric: str = "accuracy") -> tuple[Path, str]:
+def learning_curve(workdir: str | os.PathLike, arms: list[Arm], ks: Sequence[int], incontext: dict[int, dict],
+                   metric: str = "accuracy") -> tuple[epath.Path, str]:
     """``fewshot.md`` (a row per k) and ``learning_curve.png`` (metric vs k, ± std)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     rows = report.collect(workdir, arms, metric)
     curves: dict[str, dict[int, list[float]]] = {"fine-tuned": {}, "in-context": {}, "in-context, calibrated": {}}
     for k in ks:
@@ -79,7 +82,7 @@ def learning_curve(workdir: str | Path, arms: list[Arm], ks: Sequence[int], inco
     return workdir / "fewshot.md", text
 
 
-def _plot(curves: dict[str, dict[int, list[float]]], ks: Sequence[int], metric: str, path: Path) -> None:
+def _plot(curves: dict[str, dict[int, list[float]]], ks: Sequence[int], metric: str, path: epath.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,5 +99,4 @@ def _plot(curves: dict[str, dict[int, list[float]]], ks: Sequence[int], metric: 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

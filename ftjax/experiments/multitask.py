@@ -9,11 +9,14 @@ report's statistics (mean ± std, bootstrap CI, paired test over shared seeds).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
+
+from etils import epath
 
 from ftjax.experiments import report
 from ftjax.experiments.sweep import Arm
+from ftjax.paths import as_path
+from ftjax.train.logger import read_metrics
 
 MULTI = "multi-task"
 
@@ -23,12 +26,12 @@ def single(task: str) -> str:
     return f"{task} only"
 
 
-def per_task_best(workdir: str | Path, tasks: list[str], metric: str = "accuracy",
+def per_task_best(workdir: str | os.PathLike, tasks: list[str], metric: str = "accuracy",
                   higher_is_better: bool = True) -> dict[str, dict[str, float]]:
-    """Each task's best eval ``metric`` over a run's evaluations, with its step (metrics.jsonl)."""
+    """Each task's best eval ``metric`` over a run's evaluations, with its step (metrics.jsonl,
+    one value per step: ``read_metrics``)."""
     best: dict[str, dict[str, float]] = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(workdir):
         for task in tasks:
             value = row.get(f"eval/{task}/{metric}")
             if value is None:
@@ -39,11 +42,11 @@ def per_task_best(workdir: str | Path, tasks: list[str], metric: str = "accuracy
     return best
 
 
-def write_report(workdir: str | Path, arms: list[Arm], tasks: list[str], metric: str = "accuracy",
-                 higher_is_better: bool = True) -> tuple[Path, str]:
+def write_report(workdir: str | os.PathLike, arms: list[Arm], tasks: list[str], metric: str = "accuracy",
+                 higher_is_better: bool = True) -> tuple[epath.Path, str]:
     """``tasks.md``: per task, multi-task vs single-task arms; then the multi-task arms' per-task
     best evaluation (value @ step)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     parts = [f"# Multi-task vs single-task ({metric})"]
     for task in tasks:
         chosen = [a for a in arms if a.group in (MULTI, single(task))]

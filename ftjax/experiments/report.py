@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import io
 import math
-from pathlib import Path
+import os
 from typing import Any
 
+from etils import epath
+
+from ftjax.eval.plots import save_figure
 from ftjax.experiments import stats
 from ftjax.experiments.sweep import Arm, arm_status
+from ftjax.paths import as_path
+from ftjax.train.logger import read_metrics
 
 RESULT_COLUMNS = ("name", "group", "seed", "status", "metric", "value", "best_value", "best_step",
                   "trainable_params", "total_params", "tokens_seen", "train_flops",
                   "wall_time_s", "first_step_s", "peak_rss_mb", "error")
 
 
-def collect(workdir: Path, arms: list[Arm], metric: str) -> list[dict[str, Any]]:
+def collect(workdir: epath.Path, arms: list[Arm], metric: str) -> list[dict[str, Any]]:
     """One row per arm with its final/best metric and cost figures (failed arms keep their error)."""
     rows = []
     for arm in arms:
@@ -38,12 +44,13 @@ def collect(workdir: Path, arms: list[Arm], metric: str) -> list[dict[str, Any]]
     return rows
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+def write_csv(rows: list[dict[str, Any]], path: epath.Path) -> None:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in RESULT_COLUMNS})
+    path.write_text(out.getvalue())
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -101,7 +108,12 @@ def markdown(rows: list[dict[str, Any]], metric: str, higher_is_better: bool) ->
     return "\n".join(lines) + "\n"
 
 
-def plots(workdir: Path, rows: list[dict[str, Any]], metric: str) -> list[Path]:
+def learning_curve(run: epath.Path) -> list[tuple[int, float]]:
+    """(step, train loss) of a run, one point per step (``read_metrics``)."""
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run) if "train/loss" in r]
+
+
+def plots(workdir: epath.Path, rows: list[dict[str, Any]], metric: str) -> list[epath.Path]:
     """Metric per method with error bars, learning curves, metric vs trainable parameters."""
     import matplotlib
     matplotlib.use("Agg")
@@ -123,15 +135,12 @@ def plots(workdir: Path, rows: list[dict[str, Any]], metric: str) -> list[Path]:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     out.append(workdir / f"{metric}_by_method.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    save_figure(fig, out[-1])
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for g in names:
         for i, r in enumerate(groups[g]):
-            log = workdir / "arms" / r["name"] / "metrics.jsonl"
-            pts = [(d["step"], d["train/loss"]) for d in map(json.loads, log.read_text().splitlines())
-                   if "train/loss" in d]
+            pts = learning_curve(workdir / "arms" / r["name"])
             if pts:
                 ax.plot(*zip(*pts), color=f"C{names.index(g)}", alpha=0.8, label=g if i == 0 else None)
     ax.set_xlabel("step")
@@ -139,8 +148,7 @@ def plots(workdir: Path, rows: list[dict[str, Any]], metric: str) -> list[Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     out.append(workdir / "learning_curves.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    save_figure(fig, out[-1])
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for g, s in zip(names, summaries):
@@ -152,15 +160,14 @@ def plots(workdir: Path, rows: list[dict[str, Any]], metric: str) -> list[Path]:
     ax.set_ylabel(metric)
     fig.tight_layout()
     out.append(workdir / f"{metric}_vs_trainable_params.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    save_figure(fig, out[-1])
     return out
 
 
-def write_report(workdir: str | Path, arms: list[Arm], metric: str, higher_is_better: bool
-                 ) -> tuple[Path, str]:
+def write_report(workdir: str | os.PathLike, arms: list[Arm], metric: str, higher_is_better: bool
+                 ) -> tuple[epath.Path, str]:
     """results.csv + report.md + plots; returns the report path and its text."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     rows = collect(workdir, arms, metric)
     write_csv(rows, workdir / "results.csv")
     text = markdown(rows, metric, higher_is_better)

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.experiments import transfer
+from ftjax.paths import as_path
 from ftjax.train.experiment import build
 from ftjax.train.loop import train
 
@@ -52,14 +54,14 @@ def _stages(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return stages
 
 
-def stage_dir(workdir: Path, i: int, task: str) -> Path:
+def stage_dir(workdir: epath.Path, i: int, task: str) -> epath.Path:
     return workdir / f"stage_{i + 1}_{task}"
 
 
-def stage_configs(config: ml_collections.ConfigDict, workdir: str | Path
-                  ) -> list[tuple[Path, ml_collections.ConfigDict]]:
+def stage_configs(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                  ) -> list[tuple[epath.Path, ml_collections.ConfigDict]]:
     """(workdir, train config) of every stage, in order."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     stages = _stages(config)
     order = [s["task"] for s in stages]
     base = copy.deepcopy(config)
@@ -87,7 +89,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str | Path
     return out
 
 
-def _finished(run: Path, steps: int) -> dict | None:
+def _finished(run: epath.Path, steps: int) -> dict | None:
     path = run / "eval" / "metrics.json"
     if path.exists():
         metrics = json.loads(path.read_text())
@@ -96,7 +98,7 @@ def _finished(run: Path, steps: int) -> dict | None:
     return None
 
 
-def evaluate_start(config: ml_collections.ConfigDict, out: Path) -> dict:
+def evaluate_start(config: ml_collections.ConfigDict, out: epath.Path) -> dict:
     """Per-task metrics of the model the sequence starts from (``b`` of forward transfer)."""
     path = out / "eval" / "metrics.json"
     if path.exists():
@@ -110,10 +112,10 @@ def evaluate_start(config: ml_collections.ConfigDict, out: Path) -> dict:
     return metrics
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, metric: str = "accuracy") -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, metric: str = "accuracy") -> dict:
     """Train every stage (skipping finished ones), then write the accuracy matrix, its transfer
     numbers, ``report.md``, ``sequential.json`` and ``accuracy_matrix.png`` to ``workdir``."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     stages = stage_configs(config, workdir)
     tasks = [s["task"] for s in _stages(config)]
     start = evaluate_start(stages[0][1], workdir / "start")

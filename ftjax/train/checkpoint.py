@@ -7,12 +7,14 @@ source, which is what makes adapter checkpoints small.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from ftjax.paths import as_path
 
 _policies = ocp.checkpoint_managers
 
@@ -20,7 +22,7 @@ _policies = ocp.checkpoint_managers
 class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` with the ftjax retention rules."""
 
-    def __init__(self, directory: str | Path, cfg: ml_collections.ConfigDict, *,
+    def __init__(self, directory: str | os.PathLike, cfg: ml_collections.ConfigDict, *,
                  best_metric: str = "loss", best_mode: str = "min"):
         if best_mode not in ("min", "max"):
             raise ValueError(f"config.eval.best_mode={best_mode!r}; choose 'min' or 'max'")
@@ -33,7 +35,7 @@ class Checkpointer:
             preservation_policy=_policies.AnyPreservationPolicy(keep),
             best_fn=self._metric, best_mode=best_mode,
             enable_async_checkpointing=bool(cfg.async_save), create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.manager = ocp.CheckpointManager(as_path(directory), options=options)
 
     def _metric(self, metrics: dict) -> float:
         if self.best_metric not in metrics:

@@ -1,5 +1,11 @@
 """Metrics to the console (with progress and ETA), ``metrics.jsonl`` and TensorBoard.
 
+The log always matches the state the run holds: ``start(step)`` keeps the rows up to ``step``
+(the restored checkpoint, 0 for a fresh start), moves the rows beyond it, written by a run that
+died after its last checkpoint, to ``metrics.jsonl.stale-<run>`` (nothing is deleted), and makes
+TensorBoard supersede its events beyond ``step`` (``purge_step``). Every row carries the ``run``
+id of the process that logged it. ``read_metrics`` is the one reader of the log.
+
 Only process 0 writes; other processes get a logger that does nothing.
 """
 
@@ -7,10 +13,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from ftjax.paths import as_path, write_text_atomic
+
+METRICS = "metrics.jsonl"
+
+
+def run_id() -> str:
+    """An id for this training process: its UTC start time and pid (rows, summaries, histories)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
 
 
 def _fmt(v: Any) -> str:
@@ -27,34 +44,79 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _parse(line: str) -> dict | None:
+    """A row of metrics.jsonl, or None for a line that is not one (e.g. cut short by a crash)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per logged step of ``workdir/metrics.jsonl``, in step order, train and eval keys
+    merged, each with the ``run`` that logged it ([] when there is no log).
+
+    A log written before logs were rewritten on resume can hold a step twice (a run that died
+    after its last checkpoint, then the run that went on from it): the later row wins, since it
+    belongs to the run whose state the workdir holds.
+    """
+    path = as_path(workdir) / METRICS
+    if not path.exists():
+        return []
+    steps: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        row = _parse(line)
+        if row is not None:
+            steps.setdefault(row["step"], {}).update(row)
+    return [steps[s] for s in sorted(steps)]
+
+
 class MetricsLogger:
-    def __init__(self, workdir: str | Path, *, total_steps: int, tensorboard: bool = True,
-                 enabled: bool = True, stream=None):
+    def __init__(self, workdir: str | os.PathLike, *, total_steps: int, tensorboard: bool = True,
+                 enabled: bool = True, stream=None, run: str | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
+        self.run = run or run_id()
+        self.workdir: epath.Path = as_path(workdir)
+        self.tensorboard = tensorboard
         self.start_time: float | None = None
         self.start_step = 0
-        self._jsonl = None
+        self._lines: list[str] = []
         self._tb = None
-        if not enabled:
-            return
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def start(self, step: int) -> None:
+        """Begin logging after ``step``: the log is cut back to it (the rest kept aside)."""
         self.start_time, self.start_step = time.time(), step
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / METRICS
+        kept, stale = [], []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            row = _parse(line)
+            (kept if row is not None and row["step"] <= step else stale).append(line)
+        if stale:
+            write_text_atomic(self.workdir / f"{METRICS}.stale-{self.run}", "\n".join(stale) + "\n")
+        self._lines = kept
+        self._write()
+        if self.tensorboard:
+            from tensorboardX import SummaryWriter  # takes a string path, local or a URL
+            # Events at steps > `step` in earlier event files are hidden by TensorBoard.
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1)
+
+    def _write(self) -> None:
+        # The whole log is rewritten (atomically) on every row rather than appended to: object
+        # stores have no append, and a log of a few thousand rows is a few hundred kB.
+        write_text_atomic(self.workdir / METRICS, "".join(line + "\n" for line in self._lines))
 
     def log(self, step: int, metrics: dict[str, Any], *, prefix: str = "train") -> None:
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}/{k}" if prefix else k: v for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._lines.append(json.dumps({**row, "run": self.run}))
+        self._write()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -74,7 +136,5 @@ class MetricsLogger:
             print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

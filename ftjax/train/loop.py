@@ -11,7 +11,7 @@ import json
 import resource
 import signal
 import time
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -20,10 +20,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from etils import epath
+
 from ftjax import distributed, sharding
 from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
+from ftjax.paths import as_path, probe_writable
 from ftjax.train import memory, optim, regularizers
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
@@ -68,22 +71,23 @@ def init_state(exp: Experiment, tx) -> TrainState:
     return state
 
 
-def write_eval(workdir: Path, metrics: dict, step: int) -> None:
+def write_eval(workdir: epath.Path, metrics: dict, step: int) -> None:
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) per ``config`` in ``workdir``; returns the final eval metrics (or {})."""
     distributed.initialize(config.distributed)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
+    main = distributed.is_main_process()
+    if main:
+        probe_writable(workdir)  # an unwritable workdir fails here, not at the first checkpoint
     exp = build(config)
     t = config.train
-    main = distributed.is_main_process()
     log = MetricsLogger(workdir, total_steps=t.steps, tensorboard=config.log.tensorboard, enabled=main)
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     log.info(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} devices "
              f"({jax.process_count()} processes); trainable params {exp.num_trainable:,} of "
@@ -125,8 +129,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     last_eval: dict = {}
     best: dict[str, Any] = {}
     run_start, tokens_seen = time.time(), 0
+    log.start(start)
     with _Preemption() as preempt:
-        log.start(start)
         window_start, window_tokens, first_step_time = time.time(), 0, None
         for step in range(start, t.steps):
             batch = sharding.shard_batch(next(train_iter), exp.mesh)
@@ -174,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             log.info(format_table(last_eval))
     if main:
         summary = dict(
-            steps=int(state.step), resumed_from_step=start, trainable_params=exp.num_trainable,
+            run=log.run, steps=int(state.step), resumed_from_step=start, trainable_params=exp.num_trainable,
             total_params=exp.num_total, tokens_seen=tokens_seen,
             train_flops=float(tokens_seen * (flops_per_token or 0.0)),
             wall_time_s=time.time() - run_start, first_step_s=first_step_time,
@@ -201,7 +205,7 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str | Path,
+def load_trained(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                  which: str = "latest") -> tuple[Experiment, int]:
     """Rebuild a run's experiment and put the trained parameters of checkpoint ``which`` in it.
 
@@ -210,7 +214,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str | Path,
     """
     distributed.initialize(config.distributed)
     exp = build(config)
-    ckpt = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint,
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints", config.checkpoint,
                         best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
     step = ckpt.resolve(which)
     state = init_state(exp, optim.make_optimizer(config.train, **exp.plan.optimizer_kwargs()))
