@@ -18,6 +18,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "For workdirs: latest 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder for sources without one.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most requests decoded together.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodies get a 413.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 5.0, "A client silent this long mid-request "
+                                   "(e.g. a body shorter than its Content-Length) gets a 400.")
 flags.mark_flags_as_required(["model"])
 
 
@@ -29,7 +31,7 @@ def main(argv):
     models = [load_served(m, checkpoint=_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
                           max_batch=_MAX_BATCH.value) for m in _MODEL.value]
     server = make_server(App(models, api_key=_API_KEY.value, max_body_bytes=_MAX_BODY.value),
-                         _HOST.value, _PORT.value)
+                         _HOST.value, _PORT.value, read_timeout_s=_READ_TIMEOUT.value)
     host, port = server.server_address[:2]
     # The test harness and users read this line to find the port.
     print(f"serving {[m.name for m in models]} on http://{host}:{port}/v1", flush=True)

@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP server on the standard library (``ThreadingHTTPServer``).
 
-Each request runs on its own thread; generation requests meet in the model's ``BatchQueue``, so
-concurrent requests share one jitted decode call. Streaming responses are server-sent events fed
-by the decode loop's host callback. Every failure is an OpenAI-style JSON error, and the server
-keeps serving.
+Each connection runs on its own thread; generation requests meet in the model's ``BatchQueue``,
+so concurrent requests share one jitted decode call. Streaming responses are server-sent events
+fed by the decode loop's host callback. Every failure is an OpenAI-style JSON error (the stdlib's
+own rejections included), and the server keeps serving. A deep listen backlog takes bursts of
+connections instead of resetting them, and a per-connection socket timeout turns a client that
+stops sending (a body shorter than its Content-Length) into a 400 instead of a hung thread.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import queue
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
@@ -23,6 +26,10 @@ from ftjax.serve.models import ServedModel
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
+READ_TIMEOUT_S = 5.0  # a client silent this long mid-request gets a 400 (or is dropped)
+LISTEN_BACKLOG = 1024  # pending connections the kernel holds (capped by net.core.somaxconn)
+ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/completions": "POST",
+          "/v1/chat/completions": "POST", "/v1/classify": "POST"}
 _DONE = object()  # end of a stream
 
 
@@ -132,16 +139,25 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------------------------
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _send_error(self, error: APIError) -> None:
-        self._send_json(error.status, error.body())
+        self._send_json(error.status, error.body(), error.headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own rejections (bad request line, unknown method, huge headers) as JSON."""
+        self.close_connection = True
+        self._send_error(APIError(code, message or explain or HTTPStatus(code).phrase,
+                                  type="server_error" if code >= 500 else "invalid_request_error"))
 
     def _event(self, payload: Any) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -167,8 +183,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is never read
             raise APIError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.max_body_bytes}", code="request_too_large")
+        if length < 0:
+            raise APIError(400, f"Content-Length must not be negative, got {length}")
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(self._read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}",
                            code="invalid_json") from None
@@ -176,11 +194,42 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         return body
 
+    def _read(self, length: int) -> bytes:
+        """Exactly ``length`` body bytes, or a 400 when the client stops short of them."""
+        data = bytearray()
+        try:
+            while len(data) < length and (chunk := self.rfile.read1(length - len(data))):
+                data += chunk
+        except TimeoutError:
+            pass
+        if len(data) < length:
+            self.close_connection = True
+            raise APIError(400, f"the request body ended after {len(data)} of its Content-Length "
+                                f"{length} bytes (nothing more came within {self.timeout} s); "
+                                f"send exactly Content-Length bytes", code="incomplete_body")
+        return bytes(data)
+
+    def _route(self) -> str:
+        """The request's path, after a 404 for unknown paths and a 405 for wrong methods."""
+        path = self.path.split("?", 1)[0]
+        if path not in ROUTES:
+            raise APIError(404, f"unknown path {self.path!r}", code="unknown_url")
+        if self.command != ROUTES[path]:
+            raise APIError(405, f"{self.command} is not allowed on {path}; use {ROUTES[path]}",
+                           code="method_not_allowed", headers={"Allow": ROUTES[path]})
+        return path
+
     def do_GET(self) -> None:
-        self._guard(lambda: self._get())
+        self._guard(self._get)
 
     def do_POST(self) -> None:
-        self._guard(lambda: self._post())
+        self._guard(self._post)
+
+    def _other(self) -> None:
+        self.close_connection = True  # any body is left unread
+        self._guard(self._route)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_HEAD = _other
 
     def _guard(self, handle: Callable[[], None]) -> None:
         try:
@@ -188,27 +237,24 @@ class Handler(BaseHTTPRequestHandler):
             handle()
         except APIError as e:
             self._send_error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("client went away")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            log.info("client went away or stopped reading")
+            self.close_connection = True
         except Exception as e:  # noqa: BLE001 - a server error must not kill the server
             log.exception("internal error")
             self._send_error(APIError(500, f"internal error: {type(e).__name__}: {e}",
                                       type="server_error"))
 
     def _get(self) -> None:
-        if self.path == "/v1/models":
-            return self._send_json(200, self.app.list_models())
-        if self.path == "/health":
-            return self._send_json(200, {"status": "ok"})
-        raise APIError(404, f"unknown path {self.path!r}", code="unknown_url")
+        path = self._route()
+        self._send_json(200, self.app.list_models() if path == "/v1/models" else {"status": "ok"})
 
     def _post(self) -> None:
-        if self.path == "/v1/classify":
+        path = self._route()
+        if path == "/v1/classify":
             return self._send_json(200, self.app.classify(self._body()))
-        if self.path not in ("/v1/completions", "/v1/chat/completions"):
-            raise APIError(404, f"unknown path {self.path!r}", code="unknown_url")
-        served, requests, stream = self.app.prepare(self.path, self._body())
-        chat = self.path == "/v1/chat/completions"
+        served, requests, stream = self.app.prepare(path, self._body())
+        chat = path == "/v1/chat/completions"
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         if stream:
             return self._stream(served, requests[0], rid, chat)
@@ -234,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             while (piece := pieces.get()) is not _DONE:
                 self._event(chunk({"content": piece} if chat else piece, None))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             request.cancelled.set()  # stop decoding for a client that is gone
             raise
         if future.exception() is not None:  # headers are sent: report in-band
@@ -247,9 +293,19 @@ class Handler(BaseHTTPRequestHandler):
         self._event("[DONE]")
 
 
-def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A threading HTTP server for ``app`` (not started: call ``serve_forever``)."""
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+class Server(ThreadingHTTPServer):
+    """One daemon thread per connection, behind a listen backlog deep enough for bursts (the
+    stdlib's default of 5 resets connections as soon as a few arrive together)."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 8000, *,
+                read_timeout_s: float = READ_TIMEOUT_S) -> Server:
+    """A threading HTTP server for ``app`` (not started: call ``serve_forever``).
+
+    ``read_timeout_s`` bounds every socket read and write of a connection.
+    """
+    handler = type("BoundHandler", (Handler,), {"app": app, "timeout": read_timeout_s})
+    return Server((host, port), handler)
