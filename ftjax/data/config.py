@@ -71,6 +71,7 @@ def data_config() -> ml_collections.ConfigDict:
         verbalizers=[],  # text_to_text: one answer string per label ([] = label names)
         system_prompt="",  # chat: prepended as a system turn when the data has none
         max_examples=0,  # keep the first N train rows after cleaning (0 = all)
+        strict=False,  # warnings of the data report (e.g. a single-class train split) raise DataError
         clean=clean_config(),
         kshot=ml_collections.ConfigDict(dict(
             k=0,  # k train examples per label, stratified (0 = all)

@@ -24,6 +24,7 @@ class Example:
     token_labels: np.ndarray | None = None  # int32 [L], IGNORE where unlabelled
     label: int = -1
     prompt_len: int = 0  # text_to_text: tokens before the answer
+    cut: int = 0  # tokens truncation removed to fit seq_len (counted in the data report)
 
 
 def label_index(labels: list[str]) -> dict[str, int]:
@@ -80,6 +81,8 @@ def _lm(cfg, tokenizer, records, labels):
             chunk = np.asarray(ids[start:start + cfg.seq_len], np.int32)
             if len(chunk) > 1:
                 out.append(Example(chunk, weights=np.ones(len(chunk), np.float32)))
+            elif start and out:  # a 1-token tail predicts nothing: dropped, counted on the last chunk
+                out[-1].cut += len(chunk)
     return out, []
 
 
@@ -89,12 +92,13 @@ def _classification(cfg, tokenizer, records, labels):
     enc = tokenizer([r.text for r in records], pair, add_special_tokens=cfg.add_special_tokens)["input_ids"]
     out, drops = [], []
     for i, (rec, ids) in enumerate(zip(records, enc)):
-        if len(ids) > cfg.seq_len:
+        full = len(ids)
+        if full > cfg.seq_len:
             if cfg.truncation == "drop":
-                drops.append((i, _too_long(len(ids), cfg.seq_len)))
+                drops.append((i, _too_long(full, cfg.seq_len)))
                 continue
             ids = _truncated_encoding(cfg, tokenizer, rec)
-        out.append(Example(np.asarray(ids, np.int32), label=index[rec.label]))
+        out.append(Example(np.asarray(ids, np.int32), label=index[rec.label], cut=full - len(ids)))
     return out, drops
 
 
@@ -122,12 +126,14 @@ def _token_classification(cfg, tokenizer, records, labels):
         for w in words:
             tl.append(IGNORE if w is None or w == prev else index[rec.tags[w]])
             prev = w
-        if len(ids) > cfg.seq_len:
+        full = len(ids)
+        if full > cfg.seq_len:
             if cfg.truncation == "drop":
-                drops.append((i, _too_long(len(ids), cfg.seq_len)))
+                drops.append((i, _too_long(full, cfg.seq_len)))
                 continue
             ids, tl = _truncate(cfg, ids, cfg.seq_len), _truncate(cfg, tl, cfg.seq_len)
-        out.append(Example(np.asarray(ids, np.int32), token_labels=np.asarray(tl, np.int32)))
+        out.append(Example(np.asarray(ids, np.int32), token_labels=np.asarray(tl, np.int32),
+                           cut=full - len(ids)))
     return out, drops
 
 
@@ -152,7 +158,8 @@ def _text_to_text(cfg, tokenizer, records, labels):
         ids = np.asarray(kept + answer, np.int32)
         weights = np.zeros(len(ids), np.float32)
         weights[len(kept):] = 1.0
-        out.append(Example(ids, weights=weights, label=index[rec.label], prompt_len=len(kept)))
+        out.append(Example(ids, weights=weights, label=index[rec.label], prompt_len=len(kept),
+                           cut=len(prompt) - len(kept)))
     return out, drops
 
 
@@ -179,7 +186,8 @@ def _chat(cfg, tokenizer, records, labels):
             continue
         start = len(ids) - len(kept) if cfg.truncation == "left" else 0
         out.append(Example(np.asarray(kept, np.int32),
-                           weights=np.asarray(weights[start:start + len(kept)], np.float32)))
+                           weights=np.asarray(weights[start:start + len(kept)], np.float32),
+                           cut=len(ids) - len(kept)))
     return out, drops
 
 

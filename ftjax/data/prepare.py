@@ -1,5 +1,9 @@
 """One task's data, read -> labels checked -> cleaned -> leakage-checked -> tokenised -> k-shot,
 with a ``data_report.json`` and a quarantine file; cached under a hash of the config.
+
+The report counts every row each step removed, the rows (and tokens) truncation cut to fit
+``seq_len``, and lists warnings (a single-class train split) that ``config.data.strict`` turns
+into errors. The cache directory is an ``etils.epath.Path``, so ``gs://`` works like a folder.
 """
 
 from __future__ import annotations
@@ -7,17 +11,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import shutil
 
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 
+from ftjax import paths
 from ftjax.data import clean, encode, sources
 from ftjax.data.records import DataError, Record
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the report counts truncation and lists warnings
 _LABELLED = ("classification", "pair_classification", "text_to_text")
 
 
@@ -97,12 +104,41 @@ def _distribution(records: list[Record], cfg) -> dict[str, int]:
     return {}
 
 
+def _truncated(examples: list[encode.Example]) -> dict[str, int]:
+    return {"rows": sum(e.cut > 0 for e in examples), "tokens_cut": sum(e.cut for e in examples)}
+
+
+def _warnings(cfg, report: dict) -> list[str]:
+    """What trains without an error but is almost certainly wrong."""
+    train = report["splits"]["train"]
+    if cfg.task in _LABELLED and len(train["labels"]) == 1:
+        (label,) = train["labels"]
+        return [f"{train['source']}: every train row has the label {label!r} (a single class), so the "
+                f"model can only learn to predict it; check the file and config.data.label_field"]
+    return []
+
+
+def _source_field(cfg, split: str) -> str:
+    fmt = sources.resolve_format(cfg, cfg.train_path)
+    return f"config.data.{fmt}.{split}_split" if fmt in ("hf", "tfds") else f"config.data.{split}_path"
+
+
+def _all_removed(origin: str, split: str, log: clean.SplitLog) -> str:
+    removed = ", ".join(f"{s['step']} {s['removed']}" for s in log.steps if s.get("removed"))
+    return (f"{origin}: all {log.steps[0]['rows']} {split} rows were removed while preparing "
+            f"(removed by {removed}); see the quarantine file or relax config.data.clean")
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
     """Prepare every split of one (single-task) data config."""
     splits = sources.split_names(cfg)
     raw = {s: sources.read_split(cfg, s) for s in splits}
+    for s, records in raw.items():  # fail here, naming the source, not inside the tokenizer
+        if not records:
+            raise DataError(f"{splits[s]}: the {s} split has no rows (is the file empty?); check "
+                            f"{_source_field(cfg, s)}")
     labels = _label_set(cfg, raw["train"])
     logs = {s: clean.SplitLog() for s in splits}
     cleaned = {}
@@ -130,6 +166,8 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
         logs["train"].step("max_examples", len(cleaned["train"]))
     examples = {}
     for s, records in cleaned.items():
+        if not records:
+            raise DataError(_all_removed(splits[s], s, logs[s]))
         examples[s], drops = encode.encode(cfg, tokenizer, records, labels)
         if drops:
             dropped = dict(drops)
@@ -138,14 +176,23 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
         kept = [r for i, r in enumerate(records) if i not in dict(drops)]
         report["splits"][s] = {"source": splits[s], "steps": logs[s].steps, "rows": len(kept),
                                "examples": len(examples[s]), "labels": _distribution(kept, cfg),
-                               "tokens": _length_stats(examples[s])}
+                               "tokens": _length_stats(examples[s]), "truncated": _truncated(examples[s])}
     quarantine = [dict(split=s, **q) for s in splits for q in logs[s].quarantine]
     report["quarantined"] = len(quarantine)
     names = [str(x) for x in cfg.label_names] if cfg.label_names else list(labels)
     if len(names) != len(labels):
         raise DataError(f"config.data.label_names has {len(names)} entries for {len(labels)} labels {labels}")
     report["label_names"] = names
+    report["warnings"] = _warnings(cfg, report)
+    if cfg.strict and report["warnings"]:
+        raise DataError(f"{report['warnings'][0]} (an error because config.data.strict=True)")
+    _log_warnings(report)
     return Prepared(examples, labels, names, report, quarantine)
+
+
+def _log_warnings(report: dict) -> None:
+    for warning in report.get("warnings", []):
+        logging.warning("data: %s", warning)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -154,14 +201,21 @@ def cache_key(cfg: ml_collections.ConfigDict, tokenizer) -> str:
     """Hash of the data config, the tokenizer and the cache format: equal keys, equal arrays."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else tokenizer.name_or_path).encode())
+    if backend is not None:  # without the truncation/padding state the last call left behind
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(tokenizer.name_or_path.encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(f"{CACHE_VERSION}".encode())
     return h.hexdigest()[:16]
 
 
-def save(prepared: Prepared, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
+def save(prepared: Prepared, directory: str | os.PathLike) -> None:
+    """Write the arrays, report and quarantine, then ``labels.json``: its presence marks a
+    complete cache. Each file is replaced whole, so a concurrent reader never sees half of one."""
+    directory = paths.as_path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     for split, exs in prepared.examples.items():
         arrays = {"offsets": np.cumsum([0] + [len(e.ids) for e in exs]),
                   "ids": _cat([e.ids for e in exs], np.int32),
@@ -171,25 +225,34 @@ def save(prepared: Prepared, directory: str) -> None:
             arrays["weights"] = _cat([e.weights for e in exs], np.float32)
         if exs and exs[0].token_labels is not None:
             arrays["token_labels"] = _cat([e.token_labels for e in exs], np.int32)
-        np.savez(os.path.join(directory, f"{split}.npz"), **arrays)
-    with open(os.path.join(directory, "data_report.json"), "w") as f:
-        json.dump(prepared.report, f, indent=1)
-    with open(os.path.join(directory, "quarantine.jsonl"), "w") as f:
-        for row in prepared.quarantine:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(os.path.join(directory, "labels.json"), "w") as f:
-        json.dump({"labels": prepared.labels, "label_names": prepared.label_names,
-                   "splits": list(prepared.examples)}, f)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        _write(directory / f"{split}.npz", buffer.getvalue())
+    _write(directory / "data_report.json", json.dumps(prepared.report, indent=1).encode())
+    _write(directory / "quarantine.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                                   for row in prepared.quarantine).encode())
+    meta = {"labels": prepared.labels, "label_names": prepared.label_names, "splits": list(prepared.examples)}
+    _write(directory / "labels.json", json.dumps(meta).encode())
 
 
-def load(directory: str) -> Prepared:
-    with open(os.path.join(directory, "labels.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(directory, "data_report.json")) as f:
-        report = json.load(f)
+def _write(path: epath.Path, data: bytes) -> None:
+    """Object stores replace an object only once its upload completes; locally, write a
+    temporary file and rename it over ``path`` (as ``ftjax.paths.write_text_atomic`` does)."""
+    if paths.is_url(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def load(directory: str | os.PathLike) -> Prepared:
+    directory = paths.as_path(directory)
+    meta = json.loads((directory / "labels.json").read_text())
+    report = json.loads((directory / "data_report.json").read_text())
     examples = {}
     for split in meta["splits"]:
-        with np.load(os.path.join(directory, f"{split}.npz")) as f:
+        with np.load(io.BytesIO((directory / f"{split}.npz").read_bytes())) as f:
             z = dict(f)  # read each array once, not once per example
         off = z["offsets"]
         examples[split] = [
@@ -205,20 +268,19 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def prepare_cached(cfg: ml_collections.ConfigDict, tokenizer, cache_dir: str | None) -> tuple[Prepared, str | None]:
-    """``prepare`` with a cache under ``cache_dir/<cache_key>``; returns the directory used."""
+def prepare_cached(cfg: ml_collections.ConfigDict, tokenizer, cache_dir: str | os.PathLike | None
+                   ) -> tuple[Prepared, epath.Path | None]:
+    """``prepare`` with a cache under ``cache_dir/<cache_key>`` (a folder or a ``gs://`` URL);
+    returns the directory used. Two processes preparing the same key write the same files."""
     if not cache_dir:
         return prepare(cfg, tokenizer), None
-    directory = os.path.join(cache_dir, cache_key(cfg, tokenizer))
-    if os.path.exists(os.path.join(directory, "labels.json")):
-        return load(directory), directory
+    directory = paths.as_path(cache_dir) / cache_key(cfg, tokenizer)
+    if (directory / "labels.json").exists():
+        prepared = load(directory)
+        _log_warnings(prepared.report)
+        return prepared, directory
     prepared = prepare(cfg, tokenizer)
-    tmp = f"{directory}.tmp{os.getpid()}"
-    save(prepared, tmp)
-    if os.path.exists(directory):  # another process got there first: same key, same arrays
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, directory)
+    save(prepared, directory)
     return prepared, directory
 
 
@@ -230,9 +292,11 @@ def summary(report: dict) -> str:
         lines.append(f"[{split}] {r['source']}\n  rows: {steps}; examples {r['examples']}")
         if r["labels"]:
             lines.append(f"  labels: {r['labels']}")
-        t = r["tokens"]
-        lines.append(f"  tokens: min {t['min']} mean {t['mean']} p95 {t['p95']} max {t['max']}")
+        t, cut = r["tokens"], r["truncated"]
+        lines.append(f"  tokens: min {t['min']} mean {t['mean']} p95 {t['p95']} max {t['max']}; "
+                     f"truncated {cut['rows']} rows ({cut['tokens_cut']} tokens cut)")
     if "leakage" in report:
         lines.append(f"  leakage: {report['leakage']['eval_rows_in_train']} eval rows also in train"
                      f"{' (removed)' if report['leakage']['removed'] else ''}")
+    lines.extend(f"  warning: {w}" for w in report["warnings"])
     return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Data problems that used to pass in silence or fail far from their cause: empty files, rows
+truncated to seq_len, a single-class train split; and the cache as an epath folder."""
+
+import json
+import logging
+
+import pytest
+from etils import epath
+
+from data_util import bert_tokenizer, data_cfg, write
+from ftjax.data import prepare
+from ftjax.data.records import DataError
+
+# WordPiece tokens of each text with [CLS] and [SEP]: every letter / word here is one token.
+_TRAIN = [("one", 3), ("a b c d e f", 8), ("a b c d e f g", 9), ("a b c d e f g h i j", 12), ("x", 3)]
+_EVAL = [("a b c d e f g h", 10), ("y", 3)]
+
+
+def _csv(path, rows, labels) -> str:
+    return write(path, "text,label\n" + "".join(f"{t},{y}\n" for (t, _), y in zip(rows, labels)))
+
+
+def test_report_counts_truncated_rows_and_tokens_per_split(tmp_path):
+    cfg = data_cfg(task="classification", seq_len=8,
+                   train_path=_csv(tmp_path / "train.csv", _TRAIN, [0, 1, 0, 1, 0]),
+                   eval_path=_csv(tmp_path / "eval.csv", _EVAL, [0, 1]))
+    tok = bert_tokenizer()
+    assert [len(tok(t)["input_ids"]) for t, _ in _TRAIN + _EVAL] == [n for _, n in _TRAIN + _EVAL]
+    _, directory = prepare.prepare_cached(cfg, tok, str(tmp_path / "cache"))
+    report = json.loads((directory / "data_report.json").read_text())
+    # train: 9 -> 8 cuts 1, 12 -> 8 cuts 4; eval: 10 -> 8 cuts 2
+    assert report["splits"]["train"]["truncated"] == {"rows": 2, "tokens_cut": 5}
+    assert report["splits"]["eval"]["truncated"] == {"rows": 1, "tokens_cut": 2}
+    assert report["warnings"] == []
+    assert "truncated 2 rows (5 tokens cut)" in prepare.summary(report)
+
+
+def test_cache_directory_is_an_epath_and_its_key_is_stable(tmp_path):
+    cfg = data_cfg(task="classification", train_path=_csv(tmp_path / "t.csv", _TRAIN, [0, 1, 0, 1, 0]))
+    tok = bert_tokenizer()
+    prepared, directory = prepare.prepare_cached(cfg, tok, str(tmp_path / "cache"))
+    assert isinstance(directory, epath.Path) and directory.parent == epath.Path(tmp_path / "cache")
+    assert sorted(p.name for p in directory.iterdir()) == ["data_report.json", "labels.json",
+                                                           "quarantine.jsonl", "train.npz"]
+    tok("a b c d", truncation=True, max_length=3)  # leaves truncation state in the backend
+    again, same = prepare.prepare_cached(cfg, tok, epath.Path(tmp_path / "cache"))
+    assert same == directory
+    assert [e.ids.tolist() for e in again.examples["train"]] == [e.ids.tolist() for e in prepared.examples["train"]]
+
+
+def test_single_class_train_split_warns_and_strict_raises(tmp_path, caplog):
+    path = _csv(tmp_path / "train.csv", _TRAIN, ["pos"] * 5)
+    expected = (f"{path}: every train row has the label 'pos' (a single class), so the model can only "
+                f"learn to predict it; check the file and config.data.label_field")
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare.prepare(data_cfg(task="classification", train_path=path), bert_tokenizer())
+    assert prepared.report["warnings"] == [expected]
+    assert expected in caplog.text
+    assert "warning: " + expected in prepare.summary(prepared.report)
+    with pytest.raises(DataError) as e:
+        prepare.prepare(data_cfg(task="classification", train_path=path, strict=True), bert_tokenizer())
+    assert str(e.value) == expected + " (an error because config.data.strict=True)"
+
+
+def test_two_classes_do_not_warn(tmp_path):
+    path = _csv(tmp_path / "train.csv", _TRAIN, ["pos", "neg", "pos", "pos", "pos"])
+    report = prepare.prepare(data_cfg(task="classification", train_path=path, strict=True),
+                             bert_tokenizer()).report
+    assert report["warnings"] == [] and report["splits"]["train"]["labels"] == {"neg": 1, "pos": 4}
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "tsv", "txt"])
+def test_empty_file_names_itself(tmp_path, split, ext):
+    task = "lm" if ext == "txt" else "classification"
+    files = {"train": _csv(tmp_path / "full.csv", _TRAIN, [0, 1, 0, 1, 0]) if ext != "txt"
+             else write(tmp_path / "full.txt", "some text\nmore text\n")}
+    files[split] = write(tmp_path / f"empty.{ext}", "")
+    cfg = data_cfg(task=task, train_path=files["train"], eval_path=files.get("eval", ""))
+    with pytest.raises(DataError) as e:
+        prepare.prepare(cfg, bert_tokenizer())
+    assert str(e.value) == (f"{tmp_path / f'empty.{ext}'}: the {split} split has no rows (is the file "
+                            f"empty?); check config.data.{split}_path")
+
+
+def test_split_emptied_by_cleaning_names_file_and_steps(tmp_path):
+    path = write(tmp_path / "blank.txt", "\n  \n\t\n")  # 3 lines, all blank
+    with pytest.raises(DataError) as e:
+        prepare.prepare(data_cfg(task="lm", train_path=path), bert_tokenizer())
+    assert str(e.value) == (f"{path}: all 3 train rows were removed while preparing (removed by empty 3); "
+                            f"see the quarantine file or relax config.data.clean")
