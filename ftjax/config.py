@@ -7,12 +7,14 @@ Config files in ``configs/`` build on ``base_config()`` and return ``finalize(co
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 
 import ml_collections
 
 from ftjax.data.config import data_config
+from ftjax.errors import FtjaxError
 from ftjax.paths import as_path
 from ftjax.peft.config import method_config
 
@@ -108,6 +110,10 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return finalize(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
+class ConfigArgError(FtjaxError, ValueError):
+    """A ``file.py:key=value`` argument the config file does not take, or a bad value."""
+
+
 def parse_arg(arg: str | None, **defaults):
     """big_vision-style ``file.py:key=value,flag`` argument parsing into a ConfigDict."""
     out = ml_collections.ConfigDict(defaults)
@@ -116,14 +122,20 @@ def parse_arg(arg: str | None, **defaults):
     for item in arg.split(","):
         key, sep, value = item.partition("=")
         if key not in defaults:
-            raise KeyError(f"config argument {key!r} is not one of {sorted(defaults)}")
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            raise ConfigArgError(f"config argument {key!r} (from ':{arg}') is not one of "
+                                 f"{sorted(defaults)}" + (f'. Did you mean "{close[0]}"?' if close else ""))
         default = defaults[key]
         if not sep:
             out[key] = True
         elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif default is not None:
-            out[key] = type(default)(value)
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ConfigArgError(f"config argument {key}={value!r} is not a valid "
+                                     f"{type(default).__name__}") from None
         else:
             out[key] = value
     return out

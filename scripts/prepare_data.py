@@ -8,9 +8,10 @@ shares the data config) reuses them.
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ftjax import cli
 from ftjax.data import pipeline, prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config).")
@@ -34,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
