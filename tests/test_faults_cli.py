@@ -137,3 +137,10 @@ def test_config_argument_with_a_bad_value():
     with pytest.raises(ConfigArgError) as e:
         parse_arg("steps=many", steps=60)
     assert str(e.value) == "config argument steps='many' is not a valid int"
+
+
+def test_missing_workdir_file_names_the_path(tmp_path):
+    workdir = tmp_path / "no_run"
+    proc = subprocess.run([sys.executable, "scripts/export.py", f"--workdir={workdir}", f"--out={tmp_path / 'o'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert str(workdir / "config.json") in _error_line(proc)
