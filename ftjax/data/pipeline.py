@@ -8,6 +8,7 @@ process builds the same global batch plan and materialises only its own slice of
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import ml_collections
@@ -239,7 +240,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, fallback: str = ""):
 
 
 def build(data_cfg: ml_collections.ConfigDict, tokenizer, *, process_index: int = 0, process_count: int = 1,
-          seed: int = 0, cache_dir: str | None = None) -> Pipeline:
+          seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Pipeline:
     """Prepare (or load from ``cache_dir``) every task of ``config.data`` and return the pipeline."""
     prepared = {name: prepare.prepare_cached(c, tokenizer, cache_dir)[0]
                 for name, c in task_configs(data_cfg).items()}

@@ -185,7 +185,7 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
     report["label_names"] = names
     report["warnings"] = _warnings(cfg, report)
     if cfg.strict and report["warnings"]:
-        raise DataError(f"{report['warnings'][0]} (an error because config.data.strict=True)")
+        raise DataError("; ".join(report["warnings"]) + " (an error because config.data.strict=True)")
     _log_warnings(report)
     return Prepared(examples, labels, names, report, quarantine)
 
