@@ -19,14 +19,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from ftjax.experiments import fewshot, report, sweep
+    from ftjax.experiments import fewshot, launchers, report, sweep
 
     path, _, arg = _CONFIG.value.partition(":")
     module = sweep.load_config_module(path)
     arg = arg or None
     config, ks = module.get_config(arg), module.ks(arg)
     arms = sweep.expand_arms(module.sweep(arg))
-    sweep.SweepRunner(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value).run(arms)
+    launchers.LocalLauncher(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value).run(arms)
     report.write_report(_WORKDIR.value, arms, config.eval.best_metric,
                         higher_is_better=config.eval.best_mode == "max")
     incontext = fewshot.run_incontext(config, ks, _WORKDIR.value)

@@ -18,13 +18,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from ftjax.experiments import multitask, report, sweep
+    from ftjax.experiments import launchers, multitask, report, sweep
 
     path, _, arg = _CONFIG.value.partition(":")
     module = sweep.load_config_module(path)
     config = module.get_config(arg or None)
     arms = sweep.expand_arms(module.sweep())
-    sweep.SweepRunner(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value).run(arms)
+    launchers.LocalLauncher(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value).run(arms)
     higher = config.eval.best_mode == "max"
     report.write_report(_WORKDIR.value, arms, config.eval.best_metric, higher_is_better=higher)
     out, text = multitask.write_report(_WORKDIR.value, arms, list(config.data.mixture.tasks),

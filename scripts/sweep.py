@@ -1,6 +1,10 @@
 """Run every arm of a config's sweep(), then write results.csv, report.md and plots.
 
 python scripts/sweep.py --config=configs/NAME.py[:ARG] --workdir=DIR [--parallel=N]
+    [--devices_per_arm=K] [--launcher=ray --ray_address=HOST:PORT --max_retries=3]
+
+SIGTERM or Ctrl-C stops every running arm at a checkpoint and exits non-zero naming them;
+the same command again resumes them. See docs/scale_ray.md for sweeps on a Ray cluster.
 """
 
 from absl import app, flags
@@ -9,7 +13,14 @@ from ftjax import cli
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (or a name in configs/) with sweep().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: arms/, results.csv, report.md.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Arms run at the same time.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "ray"],
+                              "Where arms run: local processes, or Ray tasks on a cluster.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Local: arms run at the same time.")
+_DEVICES = flags.DEFINE_integer("devices_per_arm", 0, "Local: accelerators each arm gets "
+                                "(CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS); 0 = all of them.")
+_RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "Ray: the cluster's HOST:PORT (default: "
+                                   "start a local Ray instance).")
+_MAX_RETRIES = flags.DEFINE_integer("max_retries", 3, "Ray: times an arm whose node died is retried.")
 _RETRY = flags.DEFINE_bool("retry_failed", False, "Run failed arms again.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the report.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -17,19 +28,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from ftjax.experiments import report, sweep
+    from ftjax.experiments import launchers, report, sweep
 
     path, _, arg = _CONFIG.value.partition(":")
     module = sweep.load_config_module(path)
     if not hasattr(module, "sweep"):
-        raise app.UsageError(f"{path} has no sweep() function")
+        raise sweep.SweepError(f"{path} has no sweep() function")
     arms = sweep.expand_arms(module.sweep(arg or None) if module.sweep.__code__.co_argcount
-                             else module.sweep())
+                             else module.sweep(), resources=getattr(module, "RESOURCES", None))
     config = module.get_config(arg or None)
     if not _REPORT_ONLY.value:
-        print(f"sweep: {len(arms)} arms -> {_WORKDIR.value} ({_PARALLEL.value} at a time)", flush=True)
-        sweep.SweepRunner(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value,
-                          retry_failed=_RETRY.value).run(arms)
+        launcher = launchers.make_launcher(
+            _LAUNCHER.value, _CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value,
+            devices_per_arm=_DEVICES.value, ray_address=_RAY_ADDRESS.value,
+            max_retries=_MAX_RETRIES.value, retry_failed=_RETRY.value)
+        print(f"sweep: {len(arms)} arms -> {_WORKDIR.value} ({_LAUNCHER.value} launcher)", flush=True)
+        launcher.run(arms)
     metric = config.eval.best_metric
     path_md, text = report.write_report(_WORKDIR.value, arms, metric,
                                         higher_is_better=config.eval.best_mode == "max")

@@ -2,15 +2,18 @@
 
 import csv
 import json
+import os
 import sys
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ftjax.experiments import report, stats, sweep
+from ftjax.experiments import launchers, report, stats, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +46,48 @@ def test_arm_names_and_groups():
     assert arms[0].group == arms[1].group == "learning_rate=0.1"
     assert arms[0].name != arms[1].name and arms[1].seed == 1
     assert (arms[2].name, arms[2].group) == ("x", "g")
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(sweep.SweepError, match="appears twice"):
         sweep.expand_arms([{"name": "a"}, {"name": "a"}])
+    default, own = sweep.expand_arms([{"name": "a"}, {"name": "b", "resources": {"GPU": 1}}],
+                                     resources={"TPU": 4})
+    assert (default.resources, own.resources) == ({"TPU": 4}, {"GPU": 1})
+    assert "resources" not in own.overrides and own.group == "default"
+
+
+def test_device_env_gives_each_slot_its_own_devices():
+    assert launchers.device_env(0, 0, {}) == {}
+    env = launchers.device_env(1, 2, {})
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["TPU_VISIBLE_CHIPS"] == "2,3"
+    assert env["TPU_CHIPS_PER_PROCESS_BOUNDS"] == "1,2,1" and env["TPU_PROCESS_BOUNDS"] == "1,1,1"
+    ports = {launchers.device_env(s, 1, {})["TPU_MESH_CONTROLLER_PORT"] for s in range(4)}
+    assert len(ports) == 4
+    # A CUDA_VISIBLE_DEVICES already set is the pool the slots split.
+    assert launchers.device_env(1, 2, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})["CUDA_VISIBLE_DEVICES"] == "6,7"
+    with pytest.raises(sweep.SweepError, match="CUDA_VISIBLE_DEVICES=4,5"):
+        launchers.device_env(1, 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
+    assert "TPU_VISIBLE_CHIPS" not in launchers.device_env(0, 3, {})  # GPUs split in 3s; TPUs do not
+
+
+def test_local_parallel_arms_get_disjoint_devices(tmp_path, monkeypatch):
+    seen, running, lock = [], set(), threading.Lock()
+
+    def fake_run_arm(config_arg, arm, workdir, *, env, **kwargs):
+        mine = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert mine not in running, "two running arms share devices"
+            running.add(mine)
+            seen.append(mine)
+        time.sleep(0.05)
+        with lock:
+            running.remove(mine)
+        return "done"
+
+    monkeypatch.setattr(sweep, "run_arm", fake_run_arm)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    arms = sweep.expand_arms([{"name": f"a{i}"} for i in range(6)])
+    out = launchers.LocalLauncher("cfg.py", tmp_path, parallel=2, devices_per_arm=2).run(arms)
+    assert out == {a.name: "done" for a in arms}
+    assert sorted(set(seen)) == ["0,1", "2,3"] and len(seen) == 6
 
 
 SWEEP_CONFIG = '''
@@ -71,7 +114,8 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     config.write_text(SWEEP_CONFIG.format(repo=str(REPO)))
     workdir = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), f"--config={config}", f"--workdir={workdir}"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # arms on one CPU device: faster
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[broken] FAILED" in first.stdout
     assert "unknown remat policy 'bogus'" in (workdir / "arms" / "broken" / "error.txt").read_text()
@@ -88,7 +132,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     assert any((workdir / "xla_cache").iterdir())
 
     stamps = {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("done, skipped") == 4 and "[broken] failed, skipped" in second.stdout
     assert stamps == {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}

@@ -1,33 +1,70 @@
-"""Run every arm of a config file's ``sweep()``: resumable, failure-tolerant, compile-cached.
+"""The arms of a config file's ``sweep()``, and running one arm as its own process.
 
 ``sweep()`` returns a list of dicts of dotted config overrides; an optional ``name`` names the
-arm and an optional ``group`` says which arms are seeds of one method (default: the overrides
-without ``train.seed``). Each arm is ``scripts/train.py`` in its own process and workdir
-(``DIR/arms/NAME``), so a crash or OOM stays in its arm. A finished arm (its
-``run_summary.json`` exists) is not run again; a killed sweep continues where it stopped; a
-failing arm is recorded with its error and the others go on. All arms share a persistent XLA
-compilation cache: arms that differ only in traced values (learning rate, weight decay, seed)
-compile to the same program and skip the compile.
+arm, an optional ``group`` says which arms are seeds of one method (default: the overrides
+without ``train.seed``) and an optional ``resources`` says what the arm needs on a Ray cluster
+(default: the config module's ``RESOURCES``, else one CPU). Each arm is ``scripts/train.py`` in
+its own process and workdir (``DIR/arms/NAME``), so a crash or OOM stays in its arm.
+
+The arm's output goes to its own file, ``DIR/arms/NAME/train.log``; the runner tails it and
+echoes the progress lines with an ``[NAME]`` prefix, so the arm never writes to a pipe that
+dies with its runner. A runner asked to stop sends the arm SIGTERM (the train loop checkpoints
+and exits); a runner that dies takes the arm down the same way (Linux: the parent-death signal
+is SIGTERM), so the arm always leaves a checkpoint to resume from. A lock file held by the arm
+process keeps a second runner (a rerun, a Ray retry) from starting the arm again until the
+first process has exited. A finished arm (its ``run_summary.json`` covers all its steps) is not
+run again; a failing arm is recorded with its error and the others go on. All arms share a
+persistent XLA compilation cache: arms that differ only in traced values (learning rate, weight
+decay, seed) compile to the same program and skip the compile.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import ctypes
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+from etils import epath
+
+from ftjax.errors import FtjaxError
+from ftjax.paths import as_path, is_url
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 SEED_KEY = "train.seed"
+PROGRESS = ("[train]", "[eval]", "first step", "resumed", "mesh", "SIGTERM")
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+class SweepError(FtjaxError):
+    """A sweep that cannot run as asked: its config file, arms, workdir or devices."""
+
+
+class SweepInterrupted(FtjaxError):
+    """Arms were stopped before they finished; they resume from their checkpoints on a rerun."""
+
+    exit_code = 130
+
+    def __init__(self, statuses: dict[str, str]):
+        self.statuses = statuses
+        stopped = [n for n, s in statuses.items() if s == "interrupted"]
+        waiting = [n for n, s in statuses.items() if s == "pending"]
+        super().__init__(
+            f"sweep interrupted: arm(s) {', '.join(stopped) or '-'} stopped at a checkpoint"
+            + (f", {len(waiting)} not started" if waiting else "")
+            + "; run the same command again to resume them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +73,13 @@ class Arm:
     group: str
     seed: int | None
     overrides: dict[str, Any]
+    resources: dict[str, float] | None = None
 
 
-def load_config_module(path: str | Path):
+def load_config_module(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise SweepError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"ftjax_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -53,84 +91,194 @@ def _slug(overrides: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=,._-]+", "_", text) or "default"
 
 
-def expand_arms(entries: list[dict[str, Any]]) -> list[Arm]:
-    """Arms from ``sweep()`` entries, with unique names."""
+def expand_arms(entries: list[dict[str, Any]], resources: dict[str, float] | None = None) -> list[Arm]:
+    """Arms from ``sweep()`` entries, with unique names; ``resources`` is the default per arm."""
     arms, seen = [], set()
     for entry in entries:
         entry = dict(entry)
         name, group = entry.pop("name", None), entry.pop("group", None)
+        arm_resources = entry.pop("resources", resources)
         seed = entry.get(SEED_KEY)
         group = group or _slug({k: v for k, v in entry.items() if k != SEED_KEY})
         name = name or _slug(entry)
         if name in seen:
-            raise ValueError(f"sweep arm name {name!r} appears twice; give arms distinct names")
+            raise SweepError(f"sweep arm name {name!r} appears twice; give arms distinct names")
         seen.add(name)
-        arms.append(Arm(name=name, group=group, seed=seed, overrides=entry))
+        arms.append(Arm(name=name, group=group, seed=seed, overrides=entry,
+                        resources=dict(arm_resources) if arm_resources else None))
     return arms
 
 
-def arm_command(config_arg: str, arm: Arm, workdir: Path) -> list[str]:
+def sweep_dir(workdir: str | os.PathLike) -> epath.Path:
+    """The sweep folder as an absolute path; arms log to files and lock them, so no URLs."""
+    if is_url(workdir):
+        raise SweepError(f"sweep workdir {workdir} is a URL: arms write their train.log and lock "
+                         "files there, so use a local or mounted folder (NFS, GCS FUSE)")
+    return as_path(workdir)
+
+
+def arm_dir(workdir: str | os.PathLike, arm: Arm) -> epath.Path:
+    return sweep_dir(workdir) / "arms" / arm.name
+
+
+def write_manifest(workdir: str | os.PathLike, config_arg: str, arms: list[Arm]) -> None:
+    """``DIR/sweep.json``: the config and every arm, for the record and the report."""
+    root = sweep_dir(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps(
+        {"config": config_arg, "arms": [dataclasses.asdict(a) for a in arms]}, indent=2))
+
+
+def arm_command(config_arg: str, arm: Arm, workdir: os.PathLike) -> list[str]:
     flags = [f"--config.{k}={v}" for k, v in arm.overrides.items()]
     return [sys.executable, str(TRAIN_SCRIPT), f"--config={config_arg}", f"--workdir={workdir}", *flags]
 
 
-def arm_status(arm_dir: Path) -> str:
-    if (arm_dir / "run_summary.json").exists():
-        return "done"
-    if (arm_dir / "error.txt").exists():
+def cache_env(workdir: str | os.PathLike) -> dict[str, str]:
+    """Unbuffered output and the persistent XLA cache every arm of the sweep shares."""
+    return dict(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(sweep_dir(workdir) / "xla_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def arm_status(path: str | os.PathLike) -> str:
+    """'done' (its summary covers every step of its config), 'failed' or 'pending'.
+
+    A run stopped by SIGTERM also writes ``run_summary.json``; its step count tells them apart.
+    """
+    path = as_path(path)
+    summary, config = path / "run_summary.json", path / "config.json"
+    if summary.exists():
+        steps = json.loads(config.read_text())["train"]["steps"] if config.exists() else 0
+        if json.loads(summary.read_text())["steps"] >= steps:
+            return "done"
+    if (path / "error.txt").exists():
         return "failed"
     return "pending"
 
 
-class SweepRunner:
-    """Runs arms (``parallel`` at a time) and streams their progress with an arm prefix."""
+def run_arm(config_arg: str, arm: Arm, workdir: str | os.PathLike, *,
+            env: Mapping[str, str] | None = None, echo: Callable[[str], None] = print,
+            stop: Callable[[], bool] = lambda: False, retry_failed: bool = False,
+            where: str | None = None) -> str:
+    """Run ``arm``'s train.py in ``DIR/arms/NAME`` until it ends or ``stop()`` turns true.
 
-    def __init__(self, config_arg: str, workdir: str | Path, *, parallel: int = 1,
-                 echo: Callable[[str], None] = print, retry_failed: bool = False):
-        self.config_arg, self.workdir = config_arg, Path(workdir)
-        self.parallel, self.echo, self.retry_failed = max(1, parallel), echo, retry_failed
-        self._lock = threading.Lock()
+    Returns 'done', 'failed' (see ``error.txt``), 'interrupted' (stopped at a checkpoint; a rerun
+    resumes it) or 'pending' (stopped before it started). A KeyboardInterrupt (Ray's task
+    cancellation) stops the arm like ``stop()``.
+    """
+    say = lambda message: echo(f"[{arm.name}] {message}")  # noqa: E731
+    path = arm_dir(workdir, arm)
+    status = arm_status(path)
+    if status == "done" or (status == "failed" and not retry_failed):
+        say(f"{status}, skipped")
+        return status
+    if stop():
+        return status
+    path.mkdir(parents=True, exist_ok=True)
+    lock = _acquire(path / "arm.lock", say, stop)
+    if lock is None:
+        return arm_status(path)
+    try:
+        if arm_status(path) == "done":  # an earlier runner's process finished it while we waited
+            say("done, skipped")
+            return "done"
+        return _run_locked(config_arg, arm, path, lock, env, say, stop, where or socket.gethostname())
+    finally:
+        os.close(lock)
 
-    def env(self) -> dict[str, str]:
-        cache = self.workdir / "xla_cache"
-        return dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
-    def run_arm(self, arm: Arm) -> str:
-        arm_dir = self.workdir / "arms" / arm.name
-        status = arm_status(arm_dir)
-        if status == "done" or (status == "failed" and not self.retry_failed):
-            self._say(arm, f"{status}, skipped")
-            return status
-        arm_dir.mkdir(parents=True, exist_ok=True)
-        (arm_dir / "error.txt").unlink(missing_ok=True)
-        (arm_dir / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
-        self._say(arm, "starting")
+def _run_locked(config_arg, arm, path, lock, env, say, stop, where) -> str:
+    (path / "error.txt").unlink(missing_ok=True)
+    (path / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
+    cmd = arm_command(config_arg, arm, path)
+    log_path = os.fspath(path / "train.log")
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {where}, runner pid {os.getpid()}: "
+                  f"{' '.join(cmd)}\n")
+        start_offset = log.tell()
+        say(f"starting on {where}; log {log_path}")
         start = time.time()
-        proc = subprocess.Popen(arm_command(self.config_arg, arm, arm_dir), env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-60:]
-            if line.startswith(("[train]", "[eval]", "first step", "resumed", "mesh", "SIGTERM")):
-                self._say(arm, line)
-        code = proc.wait()
-        if code != 0 or not (arm_dir / "run_summary.json").exists():
-            (arm_dir / "error.txt").write_text(f"exit code {code}\n" + "\n".join(tail))
-            self._say(arm, f"FAILED (exit {code}); see {arm_dir / 'error.txt'}")
-            return "failed"
-        self._say(arm, f"done in {time.time() - start:.0f}s")
+        proc = subprocess.Popen(cmd, env=dict(env if env is not None else os.environ),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, pass_fds=(lock,),
+                                preexec_fn=_die_with_parent(os.getpid()))
+    tail, lines, stopped = _Tail(log_path, start_offset), [], False
+    while True:
+        try:
+            code = proc.poll()
+            for line in tail.lines():
+                lines = (lines + [line])[-60:]
+                if line.startswith(PROGRESS):
+                    say(line)
+            if code is not None:
+                break
+            if stop() and not stopped:
+                stopped = True
+                proc.send_signal(signal.SIGTERM)
+                say("stopping: asked the arm to checkpoint and exit")
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            stop = lambda: True  # noqa: E731
+    tail.close()
+    status = arm_status(path)
+    if status == "done":
+        say(f"done in {time.time() - start:.0f}s")
         return "done"
+    if code == 0 or stopped:
+        say(f"interrupted (exit {code}); run the sweep again to resume it from its checkpoint")
+        return "interrupted"
+    (path / "error.txt").write_text(f"exit code {code}\n" + "\n".join(lines))
+    say(f"FAILED (exit {code}); see {path / 'error.txt'}")
+    return "failed"
 
-    def run(self, arms: list[Arm]) -> dict[str, str]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "sweep.json").write_text(json.dumps(
-            {"config": self.config_arg, "arms": [dataclasses.asdict(a) for a in arms]}, indent=2))
-        with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
-            return dict(zip([a.name for a in arms], pool.map(self.run_arm, arms)))
 
-    def _say(self, arm: Arm, message: str) -> None:
-        with self._lock:
-            self.echo(f"[{arm.name}] {message}")
+def _acquire(lock_path: epath.Path, say: Callable[[str], None], stop: Callable[[], bool]) -> int | None:
+    """An fd holding the arm's lock, or None if ``stop()`` turned true while another held it."""
+    fd = os.open(os.fspath(lock_path), os.O_RDWR | os.O_CREAT, 0o644)
+    waiting = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if stop():
+                    os.close(fd)
+                    return None
+                if not waiting:
+                    say("waiting for an earlier run of this arm to exit")
+                    waiting = True
+                time.sleep(0.5)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec hook: the arm gets SIGTERM (checkpoint and exit) when its runner dies."""
+    if _LIBC is None:
+        return None
+
+    def hook() -> None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the runner died before the hook ran
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+class _Tail:
+    """The complete lines appended to a file since ``offset``."""
+
+    def __init__(self, path: str, offset: int):
+        self._file = open(path, encoding="utf-8", errors="replace")
+        self._file.seek(offset)
+        self._partial = ""
+
+    def lines(self) -> list[str]:
+        text = self._partial + self._file.read()
+        *done, self._partial = text.split("\n")
+        return [line.rstrip() for line in done]
+
+    def close(self) -> None:
+        self._file.close()

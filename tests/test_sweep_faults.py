@@ -1,0 +1,130 @@
+"""A sweep stopped as a whole: SIGTERM reaches the arm (it checkpoints, the rerun resumes it) and
+a runner killed with SIGKILL does not take its arm down with a broken pipe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 200
+# Arms run on one CPU device (not the 8 fake ones of conftest): fast steps on a shared machine.
+ARM_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+CONFIG = '''
+import sys
+sys.path.insert(0, {repo!r})
+from configs.tiny import get_config as tiny
+
+def get_config(arg=None):
+    c = tiny("steps=200")
+    c.data.seq_len, c.train.batch_size = 16, 2
+    c.eval.max_batches, c.log.every_steps, c.log.tensorboard = 1, 10, False
+    c.checkpoint.every_steps, c.checkpoint.async_save = 50, False
+    return c
+
+def sweep():
+    return [{{"name": "long", "train.learning_rate": 0.003}},
+            {{"name": "short", "train.learning_rate": 0.001, "train.steps": 5}}]
+'''
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweep_faults") / "faults_config.py"
+    path.write_text(CONFIG.format(repo=str(REPO)))
+    return path
+
+
+def start_sweep(config: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
+    out = workdir.parent / f"{workdir.name}.out"
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), f"--config={config}", f"--workdir={workdir}"]
+    return subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, env=ARM_ENV), out
+
+
+def wait_for_training(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Until the arm has logged a train step (it is mid-arm, with steps left to go)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and "[train] step" in log.read_text():
+            return
+        assert proc.poll() is None, "the sweep ended before its arm trained"
+        time.sleep(0.2)
+    raise AssertionError(f"no train step in {log} after {timeout}s")
+
+
+def checkpoint_steps(arm: Path) -> list[int]:
+    return sorted(int(p.name) for p in (arm / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def interrupted(config, tmp_path_factory):
+    """A sweep sent SIGTERM while its first arm trains: (workdir, exit code, its output)."""
+    workdir = tmp_path_factory.mktemp("sigterm") / "sweep"
+    proc, out = start_sweep(config, workdir)
+    try:
+        wait_for_training(proc, workdir / "arms" / "long" / "train.log")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+    finally:
+        proc.kill()
+    return workdir, code, out.read_text()
+
+
+def test_sigterm_reaches_the_arm_which_checkpoints(interrupted):
+    workdir, code, output = interrupted
+    arm = workdir / "arms" / "long"
+    steps = checkpoint_steps(arm)
+    assert code != 0, output
+    assert steps and steps[-1] > 0 and steps[-1] < STEPS, (steps, output)
+    assert f"SIGTERM: saved a checkpoint at step {steps[-1]}" in (arm / "train.log").read_text()
+    assert "sweep interrupted: arm(s) long stopped at a checkpoint" in output, output[-2000:]
+    assert not (workdir / "arms" / "short" / "train.log").exists()  # nothing new starts after SIGTERM
+    assert not (workdir / "results.csv").exists()
+
+
+def test_rerun_resumes_the_interrupted_arm(interrupted, config):
+    workdir, _, _ = interrupted
+    arm = workdir / "arms" / "long"
+    saved = checkpoint_steps(arm)[-1]
+    proc, out = start_sweep(config, workdir)
+    try:
+        assert proc.wait(timeout=300) == 0, out.read_text()[-3000:]
+    finally:
+        proc.kill()
+    log = (arm / "train.log").read_text()
+    assert f"resumed from {arm / 'checkpoints'} at step {saved}" in log
+    summary = json.loads((arm / "run_summary.json").read_text())
+    assert (summary["resumed_from_step"], summary["steps"]) == (saved, STEPS)
+    rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(10, STEPS + 1, 10))  # none twice
+    assert f"[long] [train] step {STEPS}/{STEPS}" in out.read_text()  # progress streamed from the log file
+    assert (workdir / "arms" / "short" / "run_summary.json").exists()
+
+
+def test_sigkill_of_the_runner_leaves_the_arm_a_checkpoint(config, tmp_path):
+    workdir = tmp_path / "sweep"
+    log = workdir / "arms" / "long" / "train.log"
+    proc, _ = start_sweep(config, workdir)
+    try:
+        wait_for_training(proc, log)
+        arms = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "train.py" in " ".join(p.cmdline())]
+        assert len(arms) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(arms, timeout=180)
+        assert not alive, "the arm did not stop"
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "Broken pipe" not in text and "BrokenPipeError" not in text and "Traceback" not in text, text
+    steps = checkpoint_steps(workdir / "arms" / "long")
+    finished = (workdir / "arms" / "long" / "run_summary.json").exists() and f"step {STEPS}/{STEPS}" in text
+    assert finished or (steps and steps[-1] > 0), text[-2000:]
