@@ -89,3 +89,18 @@ def test_split_emptied_by_cleaning_names_file_and_steps(tmp_path):
         prepare.prepare(data_cfg(task="lm", train_path=path), bert_tokenizer())
     assert str(e.value) == (f"{path}: all 3 train rows were removed while preparing (removed by empty 3); "
                             f"see the quarantine file or relax config.data.clean")
+
+
+def test_truncation_counts_for_lm_and_token_classification(tmp_path):
+    # lm, seq_len 4, no EOS: [CLS] a..g [SEP] = 9 tokens -> chunks 4 + 4 + a 1-token tail (dropped);
+    # "a b" = 4 tokens and "a b c d e f" = 8 tokens split evenly.
+    lm = write(tmp_path / "lm.txt", "a b c d e f g\na b\na b c d e f\n")
+    report = prepare.prepare(data_cfg(task="lm", train_path=lm, seq_len=4), bert_tokenizer()).report
+    assert report["splits"]["train"]["truncated"] == {"rows": 1, "tokens_cut": 1}
+    # token_classification, seq_len 4: 3 words -> 5 ids (cut 1), 1 word -> 3, 6 words -> 8 (cut 4)
+    rows = [list("abc"), ["x"], list("abcdef")]
+    tc = write(tmp_path / "tc.jsonl", "".join(json.dumps({"text": r, "label": ["O"] * len(r)}) + "\n"
+                                              for r in rows))
+    report = prepare.prepare(data_cfg(task="token_classification", train_path=tc, seq_len=4),
+                             bert_tokenizer()).report
+    assert report["splits"]["train"]["truncated"] == {"rows": 2, "tokens_cut": 5}

@@ -221,6 +221,7 @@ def _from_dicts(cfg, rows: Iterable[tuple[Any, dict]], origin: str, label_names=
                 rec.messages = _messages(where, row[cfg.messages_field])
         elif cfg.task == "token_classification":
             rec.tokens = [str(t) for t in row[cfg.text_field]]
+            rec.text = " ".join(rec.tokens)  # what cleaning judges emptiness and duplicates by
             tags = row[cfg.label_field]
             rec.tags = [str(label_names[t] if label_names else t) for t in tags]
         else:
