@@ -73,6 +73,11 @@ class GcsEmulator:
     def url(self, *parts: str) -> str:
         return "/".join([f"gs://{self.bucket}", *parts])
 
+    def buckets(self) -> list[str]:
+        import json
+        with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b?project=ftjax-test", timeout=10) as r:
+            return [item["name"] for item in json.load(r).get("items", [])]
+
     def objects(self, prefix: str = "") -> list[str]:
         """Names of the objects under ``prefix``, straight from the emulator's JSON API."""
         import json
