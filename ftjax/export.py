@@ -2,21 +2,146 @@
 adapter folder, or a GGUF file, each with a model card (README.md).
 
 The run is rebuilt from ``workdir/config.json`` and the chosen checkpoint (``load_trained``).
-Adapter methods are merged into the base weights for ``hf`` and ``gguf``.
+Adapter methods are merged into the base weights for ``hf`` and ``gguf``. What a format can take
+is checked before anything is loaded or written (``check_run``, ``check_model``). The files go to
+a fresh local folder that replaces ``out`` as a whole once complete, so a failed export leaves
+nothing behind and never clobbers an existing ``out``; for an object-store ``out`` (``gs://...``)
+the folder is uploaded to a sibling of ``out`` and renamed onto it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
+from typing import Any, Iterator
 
+import ml_collections
+from etils import epath
 from flax import nnx
 
 from ftjax.config import load_run_config
-from ftjax.model_card import model_card
+from ftjax.errors import FtjaxError
+from ftjax.model_card import is_model_card, model_card
+from ftjax.models import registry
+from ftjax.models.gguf_io import ARCH_OF_MODEL_TYPE, EXPORT_DTYPES
+from ftjax.paths import as_path, is_url
+from ftjax.peft.peft_format import EXPORTABLE as PEFT_METHODS
 
 FORMATS = ("hf", "peft", "gguf")
 # Methods that only choose which existing parameters train: the model needs no merging.
 PLAIN_METHODS = ("full", "head", "partial", "gradual", "llrd", "bitfit")
+UNMERGEABLE = ("houlsby", "pfeiffer", "prefix", "prompt")  # no merged form: extra modules/tokens
+GGUF_HEAD = "causal_lm"
+
+
+class ExportError(FtjaxError, ValueError):
+    """An export the run cannot make in the requested format, or an ``out`` it must not replace."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What each format takes
+# ---------------------------------------------------------------------------------------------
+
+def check_run(config: ml_collections.ConfigDict, fmt: str, workdir: Any,
+              gguf_dtype: str = "f32") -> None:
+    """Refuse, from the run's config alone, an export its head or method cannot make."""
+    kind, head = config.method.kind, config.model.head
+    run = f"the run in {workdir} (model {config.model.source!r}, {head} head, method {kind!r})"
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r} for {run}; choose from {FORMATS}")
+    if fmt == "peft" and kind not in PEFT_METHODS:
+        why = ("trains the model's own weights, so there is no adapter to export"
+               if kind in PLAIN_METHODS else "has no PEFT format")
+        raise ExportError(f"--format=peft cannot export {run}: method {kind!r} {why}; peft takes "
+                          f"the adapter methods {', '.join(PEFT_METHODS)}; use --format=hf")
+    if fmt != "peft" and kind in UNMERGEABLE:
+        fix = "use --format=peft" if kind in PEFT_METHODS else "serve the workdir itself"
+        raise ExportError(f"--format={fmt} cannot export {run}: {kind} adapters cannot be merged "
+                          f"into the base weights; {fix}")
+    if fmt == "gguf" and head != GGUF_HEAD:
+        raise ExportError(f"--format=gguf cannot export {run}: gguf takes decoder language models "
+                          f"({GGUF_HEAD} head) of model types {', '.join(ARCH_OF_MODEL_TYPE)}; "
+                          f"use --format=hf")
+    if fmt == "gguf" and gguf_dtype not in EXPORT_DTYPES:
+        raise ExportError(f"GGUF tensor type {gguf_dtype!r}; choose from {sorted(EXPORT_DTYPES)}")
+
+
+def check_model(model: nnx.Module, fmt: str, workdir: Any) -> None:
+    """Refuse an export the loaded architecture cannot make (GGUF: llama.cpp's model types)."""
+    cfg = model.model.cfg
+    if fmt == "gguf" and cfg.model_type not in ARCH_OF_MODEL_TYPE:
+        family = registry.family_for_config(cfg).name
+        raise ExportError(f"--format=gguf cannot export the run in {workdir}: its model is of the "
+                          f"{family} family (model type {cfg.model_type!r}); gguf takes model types "
+                          f"{', '.join(ARCH_OF_MODEL_TYPE)}; use --format=hf")
+
+
+def _check_out(out: epath.Path) -> None:
+    """``out`` must be new, an empty folder or an earlier export: an export replaces it whole."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    card = out / "README.md"
+    if not (out.is_dir() and card.is_file() and is_model_card(card.read_text())):
+        raise ExportError(f"--out={out} exists and is not an earlier export (it has no ftjax model "
+                          f"card); an export replaces its --out as a whole, so pass a new path or "
+                          f"remove it first")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: a local folder, moved onto ``out`` whole
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _staged(out: epath.Path) -> Iterator[Path]:
+    """A fresh local folder for the export's files; when the block succeeds it replaces ``out``."""
+    # Locally the folder sits in ``out``'s nearest existing ancestor, so the move is a rename.
+    near = tempfile.gettempdir() if is_url(out) else next(p for p in out.parents if p.exists())
+    folder = Path(near) / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        yield folder
+        _replace(_upload(folder, out.parent / folder.name) if is_url(out) else epath.Path(folder),
+                 out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _upload(folder: Path, dst: epath.Path) -> epath.Path:
+    """Copy the local ``folder`` to ``dst`` on an object store (nothing is left there on failure)."""
+    try:
+        for src in sorted(folder.rglob("*")):
+            if src.is_file():
+                target = dst / src.relative_to(folder).as_posix()
+                with src.open("rb") as f, target.open("wb") as g:
+                    shutil.copyfileobj(f, g, 1 << 24)
+    except BaseException:
+        if dst.exists():
+            dst.rmtree()
+        raise
+    return dst
+
+
+def _replace(new: epath.Path, out: epath.Path) -> None:
+    """Rename ``new`` onto ``out``; an existing ``out`` is set aside first and deleted only once
+    ``new`` is in place. (On object stores a rename is a copy: slower, still correct.)"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}" if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if new.exists():
+            new.rmtree()
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        old.rmtree()
 
 
 def merged_model(model: nnx.Module, method_kind: str) -> nnx.Module:
@@ -27,32 +152,42 @@ def merged_model(model: nnx.Module, method_kind: str) -> nnx.Module:
     return merge_and_unload(model)
 
 
-def export_run(workdir: str | Path, fmt: str, out: str | Path, checkpoint: str = "latest", *,
-               gguf_dtype: str = "f32") -> Path:
-    """Write checkpoint ``checkpoint`` of the run in ``workdir`` to the folder ``out`` as ``fmt``."""
-    from ftjax.train.loop import load_trained
-
-    if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}; choose from {FORMATS}")
-    config = load_run_config(workdir)
-    exp, step = load_trained(config, workdir, checkpoint)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = config.method.kind
+def _write(exp: Any, config: ml_collections.ConfigDict, fmt: str, folder: Path,
+           gguf_dtype: str) -> None:
+    kind, head = config.method.kind, config.model.head
     if fmt == "hf":
-        labels = exp.pipe.info.label_names if config.model.head != "causal_lm" else None
         from ftjax.models.saving import save_pretrained
-        save_pretrained(merged_model(exp.model, kind), out, exp.tokenizer, head=config.model.head,
+        labels = exp.pipe.info.label_names if head != "causal_lm" else None
+        save_pretrained(merged_model(exp.model, kind), folder, exp.tokenizer, head=head,
                         id2label=dict(enumerate(labels)) if labels else None)
     elif fmt == "peft":
-        if kind in PLAIN_METHODS:
-            raise ValueError(f"method {kind!r} trains the model's own weights: there is no adapter to "
-                             f"export; use --format=hf")
         from ftjax.peft import export_peft
-        export_peft(exp.model, config.method, out, base_model_name_or_path=config.model.source)
+        export_peft(exp.model, config.method, folder, base_model_name_or_path=config.model.source)
     else:
         from ftjax.models.gguf_io import save_gguf
-        save_gguf(merged_model(exp.model, kind), exp.tokenizer, out / f"model-{gguf_dtype}.gguf", gguf_dtype)
-    files = sorted(p.name for p in out.iterdir() if p.name != "README.md")
-    (out / "README.md").write_text(model_card(config, workdir, fmt=fmt, step=step, files=files))
+        try:
+            save_gguf(merged_model(exp.model, kind), exp.tokenizer,
+                      folder / f"model-{gguf_dtype}.gguf", gguf_dtype)
+        except NotImplementedError as e:  # a feature llama.cpp would silently drop
+            raise ExportError(f"--format=gguf cannot export {config.model.source!r}: {e}; "
+                              f"use --format=hf") from e
+
+
+def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
+               checkpoint: str = "latest", *, gguf_dtype: str = "f32") -> epath.Path:
+    """Write checkpoint ``checkpoint`` of the run in ``workdir`` to the folder ``out`` as ``fmt``
+    (a local path or an object-store URL); returns ``out``."""
+    from ftjax.train.loop import load_trained
+
+    workdir, out = as_path(workdir), as_path(out)
+    config = load_run_config(workdir)
+    check_run(config, fmt, workdir, gguf_dtype)
+    _check_out(out)
+    exp, step = load_trained(config, workdir, checkpoint)
+    check_model(exp.model, fmt, workdir)
+    with _staged(out) as folder:
+        _write(exp, config, fmt, folder, gguf_dtype)
+        files = sorted(p.name for p in folder.iterdir())
+        (folder / "README.md").write_text(model_card(config, workdir, fmt=fmt, step=step,
+                                                     files=files))
     return out

@@ -5,15 +5,23 @@ training config and the run's evaluation metrics (``eval/metrics.json``, ``eval/
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
+import os
 
 import ml_collections
+from etils import epath
+
+from ftjax.paths import as_path
 
 _LIBRARY = {"hf": "transformers", "peft": "peft", "gguf": "gguf"}
+_TAGS = "tags: [ftjax, "  # in every card's front matter: how an earlier export is recognised
 
 
-def _read_json(path: Path) -> dict | None:
+def is_model_card(text: str) -> bool:
+    """Whether ``text`` is a README.md this module wrote."""
+    return text.startswith("---\n") and _TAGS in text.split("\n---\n", 1)[0]
+
+
+def _read_json(path: epath.Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -69,20 +77,20 @@ def _usage(fmt: str, files: list[str], head: str) -> list[str]:
     return ["```bash", f"llama-cli -m PATH/{files[0] if files else 'model.gguf'} -p \"...\"", "```"]
 
 
-def model_card(config: ml_collections.ConfigDict, workdir: str | Path, *, fmt: str, step: int,
-               files: list[str]) -> str:
+def model_card(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, fmt: str,
+               step: int, files: list[str]) -> str:
     """Markdown model card for an export of ``workdir`` at checkpoint ``step`` in format ``fmt``."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     m, d, t = config.model, config.data, config.train
     method = config.method.to_dict()
     metrics = _read_json(workdir / "eval" / "metrics.json")
     incontext = _read_json(workdir / "eval" / "incontext.json")
     labels = list(d.label_names) or list(d.labels)
     lines = ["---", f"library_name: {_LIBRARY[fmt]}", f"base_model: {m.source}",
-             f"tags: [ftjax, {method['kind']}, {d.task}]", "---", "",
-             f"# {workdir.resolve().name}", "",
+             f"{_TAGS}{method['kind']}, {d.task}]", "---", "",
+             f"# {workdir.name}", "",
              f"Fine-tuned with ftjax from `{m.source}` ({m.head} head), exported as `{fmt}` "
-             f"from checkpoint step {step} of `{workdir.resolve()}`.", "",
+             f"from checkpoint step {step} of `{workdir}`.", "",
              "## Model", "",
              f"- Base model: `{m.source}`",
              f"- Head: `{m.head}`" + (f", labels: {', '.join(map(str, labels))}" if labels else ""),
