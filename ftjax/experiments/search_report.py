@@ -103,10 +103,10 @@ def plots(workdir: epath.Path, study: optuna.Study, spec: SearchSpec,
             continue
         steps = sorted(t.intermediate_values)
         pruned = t.state == TrialState.PRUNED
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], "--" if pruned else "-",
-                alpha=0.8, label=f"{t.number}{' (pruned)' if pruned else ''}")
-        if pruned:
-            ax.plot(steps[-1], t.intermediate_values[steps[-1]], "x", color="black")
+        (line,) = ax.plot(steps, [t.intermediate_values[s] for s in steps], "--" if pruned else "-",
+                          marker=".", alpha=0.8, label=f"{t.number}{' (pruned)' if pruned else ''}")
+        if pruned:  # a one-eval trial is a lone point, so mark where each pruned trial stopped
+            ax.plot(steps[-1], t.intermediate_values[steps[-1]], "x", color=line.get_color(), ms=9)
     ax.set_xlabel("step")
     ax.set_ylabel(f"eval {spec.metric}")
     ax.legend(fontsize=6, ncol=2)
