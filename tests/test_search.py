@@ -1,10 +1,14 @@
-"""Search: the spec, and a real (tiny) 6-trial search that prunes, is killed, resumes and reports."""
+"""Search: the spec, the driver (parallel trials, SIGTERM) on fake runs, and a real tiny 6-trial
+search that prunes, is killed, resumes and reports."""
 
 import csv
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -15,7 +19,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from ftjax.experiments import search
+from ftjax.experiments import launchers, search
+from ftjax.experiments.sweep import SweepInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +78,78 @@ def test_suggest_uses_the_named_distributions():
         "train.warmup_steps": IntDistribution(0, 20)}
     lrs = [t.params["train.learning_rate"] for t in study.trials]
     assert all(1e-5 <= x <= 1e-2 for x in lrs) and min(lrs) < 1e-4  # log-uniform reaches the low decades
+
+
+class _FakeTraining(launchers.Launcher):
+    """A launcher whose arms train nothing: each writes the files a run writes (config.json, eval
+    rows in metrics.jsonl, run_summary.json) for a loss that is worse the further the learning
+    rate is from 1e-3, a step every 40 ms, and stops at a step boundary when asked."""
+
+    def __init__(self, workdir, *, parallel=2, interrupt_at=None):
+        super().__init__("unused.py", workdir, echo=lambda message: None)
+        self.concurrency, self.interrupt_at = parallel, interrupt_at
+        self.started, self.active, self.max_active = [], 0, 0
+        self._lock = threading.Lock()
+
+    def run_arm(self, arm):
+        stop = self._stop_flag(arm)
+        with self._lock:
+            self.started.append(arm.name)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        if arm.name == self.interrupt_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill DRIVER`: the driver's handler runs
+        try:
+            return self._train(arm, stop)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _train(self, arm, stop):
+        run = Path(self.workdir) / "arms" / arm.name
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps({"train": {"steps": 12}}))
+        far = abs(math.log10(arm.overrides["train.learning_rate"]) + 3)
+        rows, best, step = [], None, 0
+        while step < 12 and not stop():
+            step += 1
+            time.sleep(0.04)
+            if step % 3 == 0:
+                rows.append({"step": step, "eval/loss": far + 6 / step})
+                (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                if best is None or rows[-1]["eval/loss"] < best["value"]:
+                    best = {"step": step, "metric": "loss", "value": rows[-1]["eval/loss"]}
+        (run / "run_summary.json").write_text(json.dumps({"steps": step, "best": best}))
+        return "done" if step == 12 else "interrupted"
+
+
+def test_driver_runs_trials_in_parallel_and_a_sigterm_leaves_them_to_resume(tmp_path):
+    spec = search.spec_from({"space": {"train.learning_rate": ("loguniform", 1e-6, 1.0)}, "trials": 6,
+                             "pruner": {"kind": "median", "n_startup_trials": 2}},
+                            default_metric="loss", default_mode="min")
+    first = _FakeTraining(tmp_path, interrupt_at="trial-003")
+    with pytest.raises(SweepInterrupted, match="trial-00"):
+        search.SearchDriver(first, tmp_path, spec, parallel=2, echo=lambda m: None, poll_s=0.005).run()
+    assert first.max_active == 2 and first.started == [f"trial-00{i}" for i in range(4)]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    left = [t.number for t in optuna.load_study(study_name="search", storage=storage).trials
+            if t.state == TrialState.RUNNING]
+    assert 3 in left and len(left) <= 2  # stopped, not failed: left for the next run
+
+    second = _FakeTraining(tmp_path)
+    search.SearchDriver(second, tmp_path, spec, parallel=2, echo=lambda m: None, poll_s=0.005).run()
+    assert second.started[:len(left)] == [f"trial-{n:03d}" for n in left]  # continued first
+    assert all(f"trial-00{i}" not in second.started for i in range(3) if i not in left)
+    trials = optuna.load_study(study_name="search", storage=storage).trials
+    assert len(trials) == 6 and second.max_active <= 2
+    for t in trials:
+        summary = json.loads((tmp_path / "arms" / t.user_attrs["arm"] / "run_summary.json").read_text())
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert t.user_attrs["stopped_at_step"] == summary["steps"]
+        if t.state == TrialState.COMPLETE:
+            assert summary["steps"] == 12 and t.value == summary["best"]["value"]
+        else:
+            assert summary["steps"] < 12
 
 
 SEARCH_CONFIG = '''
