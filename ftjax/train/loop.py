@@ -1,8 +1,11 @@
 """The training loop: owns checkpoints, logging, evaluation and preemption around the pure step.
 
-Re-running on a workdir that holds checkpoints resumes from the latest one (params, optimizer,
-step, RNG and the data iterator's position), so an interrupted run continues exactly. SIGTERM
-(a preempted TPU VM) makes the loop save at the next step boundary and exit cleanly.
+Re-running on a workdir that holds checkpoints resumes from the newest intact one (params,
+optimizer, step, RNG and the data iterator's position), so an interrupted run continues exactly:
+a damaged newer checkpoint is moved aside, a config that changes what the checkpoints hold is
+refused before anything is built (``resume``), and the logs are cut back to the restored step
+(``logger``). SIGTERM (a preempted TPU VM) makes the loop save at the next step boundary and exit
+cleanly.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
 from ftjax.paths import as_path, probe_writable
-from ftjax.train import memory, optim, regularizers
+from ftjax.train import memory, optim, regularizers, resume
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
 from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
@@ -84,11 +87,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     main = distributed.is_main_process()
     if main:
         probe_writable(workdir)  # an unwritable workdir fails here, not at the first checkpoint
+    diff = resume.check(workdir, config)  # a resume that cannot work is refused before the build
     exp = build(config)
     t = config.train
     log = MetricsLogger(workdir, total_steps=t.steps, tensorboard=config.log.tensorboard, enabled=main)
-    if main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     log.info(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} devices "
              f"({jax.process_count()} processes); trainable params {exp.num_trainable:,} of "
              f"{exp.num_total:,} ({100 * exp.num_trainable / max(exp.num_total, 1):.2f}%)")
@@ -111,12 +113,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint,
                         best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
     train_iter = exp.pipe.train_iterator(t.batch_size)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state = ckpt.restore(start, abstract_like(state))
-        train_iter.set_state(data_state)
-        log.info(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    restored = ckpt.restore_newest_intact(abstract_like(state))
+    if restored is not None:
+        for step, problem, moved in restored.damaged:
+            log.info(f"checkpoint step {step} is damaged ({problem}): moved it to {moved}; "
+                     f"resuming from step {restored.step}, the newest intact checkpoint")
+        state = restored.state
+        train_iter.set_state(restored.data)
+        log.info(f"resumed from {workdir / 'checkpoints'} at step {restored.step}")
     start = int(state.step)
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if restored is not None:
+            resume.record(workdir, start, log.run, diff or {})
 
     evaluator = Evaluator.for_experiment(exp)
 
