@@ -169,30 +169,38 @@ class SearchDriver:
         if resume:
             self.echo(f"search: continuing trial(s) {', '.join(str(t.number) for t in resume)}, "
                       "running when the search stopped")
-        running: list[_Running] = []
         with forward_signals(self._stop), concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
-            while True:
-                while not self._stopping and len(running) < self.parallel and (
-                        resume or len(study.get_trials(deepcopy=False)) < self.spec.trials):
-                    run = self._start(study, resume.pop(0) if resume else None)
-                    if run.pruned_at is None:
-                        run.future = pool.submit(self.launcher.run_arm, run.arm)
-                        running.append(run)
-                    else:
-                        self._tell(study, run, "interrupted")
-                if not running:
-                    break
-                time.sleep(self.poll_s)
-                for run in list(running):
-                    if run.future.done():
-                        self._tell(study, run, run.future.result())
-                        running.remove(run)
-                    else:
-                        self._watch(run)
+            try:
+                self._loop(study, resume, pool)
+            except BaseException:  # a driver error: the running trials checkpoint and exit
+                self._stop()
+                raise
         left = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if self._stopping and left:
             raise SweepInterrupted({t.user_attrs["arm"]: "interrupted" for t in left})
         return study
+
+    def _loop(self, study: optuna.Study, resume: list[optuna.trial.FrozenTrial],
+              pool: concurrent.futures.Executor) -> None:
+        running: list[_Running] = []
+        while True:
+            while not self._stopping and len(running) < self.parallel and (
+                    resume or len(study.get_trials(deepcopy=False)) < self.spec.trials):
+                run = self._start(study, resume.pop(0) if resume else None)
+                if run.pruned_at is None:
+                    run.future = pool.submit(self.launcher.run_arm, run.arm)
+                    running.append(run)
+                else:
+                    self._tell(study, run, "interrupted")
+            if not running:
+                return
+            time.sleep(self.poll_s)
+            for run in list(running):
+                if run.future.done():
+                    self._tell(study, run, run.future.result())
+                    running.remove(run)
+                else:
+                    self._watch(run)
 
     def _stop(self) -> None:
         self._stopping = True
