@@ -125,20 +125,33 @@ def _upload(folder: Path, dst: epath.Path) -> epath.Path:
     return dst
 
 
+def _move(src: epath.Path, dst: epath.Path) -> None:
+    """Rename the (flat) export folder ``src`` to ``dst``. On an object store a rename is a copy
+    anyway: each object is copied server-side, then ``src`` deleted."""
+    if not is_url(src):
+        src.rename(dst)
+        return
+    for f in sorted(src.iterdir()):
+        f.copy(dst / f.name)
+    src.rmtree()
+
+
 def _replace(new: epath.Path, out: epath.Path) -> None:
-    """Rename ``new`` onto ``out``; an existing ``out`` is set aside first and deleted only once
-    ``new`` is in place. (On object stores a rename is a copy: slower, still correct.)"""
+    """Move ``new`` onto ``out``; an existing ``out`` is set aside first and deleted only once
+    ``new`` is in place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}" if out.exists() else None
     if old is not None:
-        out.rename(old)
+        _move(out, old)
     try:
-        new.rename(out)
+        _move(new, out)
     except BaseException:
         if new.exists():
             new.rmtree()
+        if is_url(out) and out.exists():  # half copied
+            out.rmtree()
         if old is not None:
-            old.rename(out)
+            _move(old, out)
         raise
     if old is not None:
         old.rmtree()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from object_store import gcs, gcs_server  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -103,3 +105,24 @@ def test_a_failed_export_keeps_the_earlier_one_and_a_good_one_replaces_it(bert_r
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_an_object_store_out_appears_whole_or_not_at_all(gcs):
+    """The same publishing on gs:// (emulated): the earlier export stays until a new one is
+    complete, then only the new files remain."""
+    from etils import epath
+
+    from ftjax.export import _staged
+    out = epath.Path(gcs.url("exports", "hf"))
+    (out / "README.md").write_text("---\ntags: [ftjax, full, classification]\n---\n# old\n")
+    (out / "model.safetensors").write_bytes(b"the earlier weights")
+    with pytest.raises(OSError, match="No space left"), _staged(out) as folder:
+        (folder / "model.safetensors").write_bytes(b"half a shard")
+        raise OSError(28, "No space left on device")
+    assert sorted(gcs.objects()) == ["exports/hf/README.md", "exports/hf/model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"the earlier weights"
+    with _staged(out) as folder:
+        (folder / "config.json").write_text("{}")
+        (folder / "README.md").write_text("---\ntags: [ftjax, lora, lm]\n---\n# new\n")
+    assert sorted(gcs.objects()) == ["exports/hf/README.md", "exports/hf/config.json"]
+    assert (out / "README.md").read_text().endswith("# new\n")
