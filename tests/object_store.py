@@ -118,8 +118,8 @@ def gcs_emulator(workdir: Path, bucket: str = BUCKET) -> Iterator[GcsEmulator]:
         port = _free_port()
         endpoint = f"http://127.0.0.1:{port}"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, __file__, str(port), bucket],
-                                    cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, __file__, str(port), bucket], cwd=workdir,
+                                    stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             _wait_until_up(endpoint, proc, log)
             break
@@ -131,6 +131,14 @@ def gcs_emulator(workdir: Path, bucket: str = BUCKET) -> Iterator[GcsEmulator]:
         yield GcsEmulator(endpoint, bucket, {**os.environ, **client_env(endpoint)}, log)
     finally:
         _stop(proc)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so a killed pytest leaves no emulator."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop(proc: subprocess.Popen) -> None:

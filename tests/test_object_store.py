@@ -55,6 +55,20 @@ def _params(directory) -> dict:
             for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
 
 
+def _scalar_steps(event_file: bytes, tag: str) -> set[int]:
+    """Steps of the ``tag`` scalars in a TensorBoard event file (TFRecord framing: u64 length,
+    u32 crc, the Event proto, u32 crc)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    steps, pos = set(), 0
+    while pos < len(event_file):
+        (n,) = struct.unpack("<Q", event_file[pos:pos + 8])
+        event = event_pb2.Event.FromString(event_file[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        steps |= {event.step for v in event.summary.value if v.tag == tag}
+    return steps
+
+
 def _no_local_gs_folder(*dirs: Path) -> None:
     for d in dirs:
         assert not any(p.name.startswith("gs:") for p in d.rglob("*")), f"a local gs: folder in {d}"
@@ -147,7 +161,8 @@ def test_gs_workdir_train_kill_resume_evaluate_export(gcs, tmp_path):
     for name in ("config.json", "run_summary.json", "eval/metrics.json"):
         assert f"run/{name}" in written, sorted(written)
     events = [n for n in written if n.startswith("run/tensorboard/") and "events." in n]
-    assert events and all((epath.Path(gcs.url(n))).stat().length > 0 for n in events), sorted(written)
+    logged = set().union(*(_scalar_steps(epath.Path(gcs.url(n)).read_bytes(), "train/loss") for n in events))
+    assert logged == set(range(1, STEPS + 1)), (sorted(written), logged)
 
     # Evaluate and export from the bucket.
     (epath.Path(remote) / "eval" / "metrics.json").unlink()
