@@ -49,6 +49,10 @@ class RayLauncher(Launcher):
 
     def __init__(self, config_arg: str, workdir: str | os.PathLike, *, address: str | None = None,
                  max_retries: int = 3, echo: Callable[[str], None] = print, retry_failed: bool = False):
+        if address and address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            # Ray's driver swaps a loopback address for this machine's outward IP unless told it
+            # is on a one-machine platform; keep a loopback-only cluster on loopback.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         super().__init__(config_arg, workdir, echo=echo, retry_failed=retry_failed)
