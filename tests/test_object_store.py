@@ -7,7 +7,6 @@ not exist fails before the first step with one line naming its URL.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
