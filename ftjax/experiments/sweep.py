@@ -20,6 +20,7 @@ decay, seed) compile to the same program and skip the compile.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import fcntl
@@ -188,7 +189,9 @@ def run_arm(config_arg: str, arm: Arm, workdir: str | os.PathLike, *,
         os.close(lock)
 
 
-def _run_locked(config_arg, arm, path, lock, env, say, stop, where) -> str:
+def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Mapping[str, str] | None,
+                say: Callable[[str], None], stop: Callable[[], bool], where: str) -> str:
+    """Start the arm's process (holding ``lock``), echo its progress, forward ``stop()``."""
     (path / "error.txt").unlink(missing_ok=True)
     (path / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
     cmd = arm_command(config_arg, arm, path)
@@ -203,12 +206,12 @@ def _run_locked(config_arg, arm, path, lock, env, say, stop, where) -> str:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, pass_fds=(lock,),
                                 preexec_fn=_die_with_parent(os.getpid()))
-    tail, lines, stopped = _Tail(log_path, start_offset), [], False
+    tail, lines, stopped = _Tail(log_path, start_offset), collections.deque(maxlen=60), False
     while True:
         try:
             code = proc.poll()
             for line in tail.lines():
-                lines = (lines + [line])[-60:]
+                lines.append(line)
                 if line.startswith(PROGRESS):
                     say(line)
             if code is not None:
