@@ -121,3 +121,16 @@ def test_kill_9_at_random_moments_resumes_exactly(tmp_path_factory, tmp_path):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert _values(rows) == _values([json.loads(line) for line in
                                      (reference / "metrics.jsonl").read_text().splitlines()])
+
+
+def test_a_url_workdir_stays_a_url_and_an_unwritable_one_fails_before_the_build(tmp_path):
+    from ftjax.paths import WorkdirError, as_path
+    from ftjax.train.loop import train
+
+    assert str(as_path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(WorkdirError) as e:
+        train(_config(), blocker / "run")
+    assert str(e.value).startswith(f"cannot write to the workdir {blocker / 'run'}: ")
+    assert "\n" not in str(e.value) and "another --workdir" in str(e.value)

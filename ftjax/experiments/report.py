@@ -19,7 +19,7 @@ from ftjax.train.logger import read_metrics
 
 RESULT_COLUMNS = ("name", "group", "seed", "status", "metric", "value", "best_value", "best_step",
                   "trainable_params", "total_params", "tokens_seen", "train_flops",
-                  "wall_time_s", "first_step_s", "peak_rss_mb", "error")
+                  "wall_time_s", "first_step_s", "peak_rss_mb", "run", "resumed_from_step", "error")
 
 
 def collect(workdir: epath.Path, arms: list[Arm], metric: str) -> list[dict[str, Any]]:
@@ -36,6 +36,7 @@ def collect(workdir: epath.Path, arms: list[Arm], metric: str) -> list[dict[str,
                        total_params=s["total_params"], tokens_seen=s["tokens_seen"],
                        train_flops=s["train_flops"], wall_time_s=s["wall_time_s"],
                        first_step_s=s["first_step_s"], peak_rss_mb=s["peak_rss_mb"],
+                       run=s.get("run"), resumed_from_step=s.get("resumed_from_step"),
                        best_value=best.get("value") if best.get("metric") == metric else None,
                        best_step=best.get("step") if best.get("metric") == metric else None)
         elif row["status"] == "failed":
