@@ -1,21 +1,16 @@
-"""Sweeps: statistics against scipy, and the bookkeeping of a real (tiny) sweep."""
+"""Sweeps: statistics against scipy, arm bookkeeping, and the devices a local arm gets.
 
-import csv
-import json
-import os
-import sys
-import subprocess
+Real sweeps run in tests/test_sweep_ray.py (local and Ray launchers) and
+tests/test_sweep_faults.py (SIGTERM / SIGKILL of the sweep)."""
+
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ftjax.experiments import launchers, report, stats, sweep
-
-REPO = Path(__file__).resolve().parents[1]
+from ftjax.experiments import launchers, stats, sweep
 
 
 def test_summary_and_bootstrap_against_scipy():
@@ -90,49 +85,22 @@ def test_local_parallel_arms_get_disjoint_devices(tmp_path, monkeypatch):
     assert sorted(set(seen)) == ["0,1", "2,3"] and len(seen) == 6
 
 
-SWEEP_CONFIG = '''
-import sys
-sys.path.insert(0, {repo!r})
-from configs.tiny import get_config as tiny
+def test_a_stopped_sweep_starts_no_more_arms(tmp_path, monkeypatch):
+    arm = sweep.expand_arms([{"name": "never"}])[0]
+    assert sweep.run_arm("cfg.py", arm, tmp_path, stop=lambda: True) == "pending"
+    assert not (tmp_path / "arms" / "never").exists()  # no process, no log
 
-def get_config(arg=None):
-    c = tiny("steps=3")
-    c.eval.max_batches = 1
-    c.log.every_steps = 1
-    c.checkpoint.async_save = False
-    return c
+    launcher = launchers.LocalLauncher("cfg.py", tmp_path, parallel=1)
+    real_run_arm = sweep.run_arm
 
-def sweep():
-    arms = [{{"name": f"lr{{lr}}-s{{s}}", "group": f"lr{{lr}}", "train.learning_rate": lr,
-              "train.seed": s}} for lr in (0.003, 0.001) for s in (0, 1)]
-    return arms + [{{"name": "broken", "group": "broken", "model.remat": "bogus"}}]
-'''
+    def fake_run_arm(config_arg, arm, workdir, *, stop, **kwargs):
+        if arm.name == "first":  # SIGTERM to the sweep while its first arm runs
+            launcher.stop_all()
+            return "interrupted"
+        return real_run_arm(config_arg, arm, workdir, stop=stop, **kwargs)
 
-
-def test_sweep_runs_resumes_and_reports(tmp_path):
-    config = tmp_path / "sweep_config.py"
-    config.write_text(SWEEP_CONFIG.format(repo=str(REPO)))
-    workdir = tmp_path / "sweep"
-    cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"), f"--config={config}", f"--workdir={workdir}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # arms on one CPU device: faster
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "[broken] FAILED" in first.stdout
-    assert "unknown remat policy 'bogus'" in (workdir / "arms" / "broken" / "error.txt").read_text()
-
-    rows = list(csv.DictReader(open(workdir / "results.csv")))
-    assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"]
-    for r in rows[:4]:
-        summary = json.loads((workdir / "arms" / r["name"] / "run_summary.json").read_text())
-        assert float(r["value"]) == pytest.approx(summary["final"]["loss"])
-        assert summary["tokens_seen"] == 3 * 16 * 64 and summary["train_flops"] > 0
-    text = (workdir / "report.md").read_text()
-    assert "| lr0.003 | 2 |" in text and "| lr0.001 | 2 |" in text and "Paired t-tests" in text
-    assert "broken" in text and (workdir / "loss_by_method.png").exists()
-    assert any((workdir / "xla_cache").iterdir())
-
-    stamps = {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done, skipped") == 4 and "[broken] failed, skipped" in second.stdout
-    assert stamps == {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}
+    monkeypatch.setattr(sweep, "run_arm", fake_run_arm)
+    with pytest.raises(sweep.SweepInterrupted, match=r"arm\(s\) first stopped .*, 1 not started") as e:
+        launcher.run(sweep.expand_arms([{"name": "first"}, {"name": "second"}]))
+    assert e.value.statuses == {"first": "interrupted", "second": "pending"}
+    assert not (tmp_path / "arms" / "second").exists()

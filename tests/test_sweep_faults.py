@@ -1,5 +1,7 @@
-"""A sweep stopped as a whole: SIGTERM reaches the arm (it checkpoints, the rerun resumes it) and
-a runner killed with SIGKILL does not take its arm down with a broken pipe."""
+"""A sweep stopped as a whole, one arm's history: the runner SIGKILLed mid-arm (the arm is not
+taken down by a broken pipe: it saves a checkpoint), a rerun resumes from it and is sent SIGTERM
+(it reaches the arm, which checkpoints; the sweep exits 130 naming it), and a last rerun resumes
+from that checkpoint and finishes."""
 
 import json
 import os
@@ -30,8 +32,7 @@ def get_config(arg=None):
     return c
 
 def sweep():
-    return [{{"name": "long", "train.learning_rate": 0.003}},
-            {{"name": "short", "train.learning_rate": 0.001, "train.steps": 5}}]
+    return [{{"name": "long", "train.learning_rate": 0.003}}]
 '''
 
 
@@ -49,10 +50,10 @@ def start_sweep(config: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
 
 
 def wait_for_training(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    """Until the arm has logged a train step (it is mid-arm, with steps left to go)."""
-    deadline = time.time() + timeout
+    """Until this run of the arm has logged a train step (mid-arm, with steps left to go)."""
+    deadline, before = time.time() + timeout, len(log.read_text()) if log.exists() else 0
     while time.time() < deadline:
-        if log.exists() and "[train] step" in log.read_text():
+        if log.exists() and "[train] step" in log.read_text()[before:]:
             return
         assert proc.poll() is None, "the sweep ended before its arm trained"
         time.sleep(0.2)
@@ -64,9 +65,38 @@ def checkpoint_steps(arm: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def interrupted(config, tmp_path_factory):
-    """A sweep sent SIGTERM while its first arm trains: (workdir, exit code, its output)."""
-    workdir = tmp_path_factory.mktemp("sigterm") / "sweep"
+def killed(config, tmp_path_factory) -> tuple[Path, int]:
+    """A sweep SIGKILLed while its arm trains: (workdir, the checkpoint step the arm saved)."""
+    workdir = tmp_path_factory.mktemp("faults") / "sweep"
+    log = workdir / "arms" / "long" / "train.log"
+    proc, _ = start_sweep(config, workdir)
+    try:
+        wait_for_training(proc, log)
+        arms = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "train.py" in " ".join(p.cmdline())]
+        assert len(arms) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(arms, timeout=180)
+        assert not alive, "the arm did not stop"
+    finally:
+        proc.kill()
+    steps = checkpoint_steps(workdir / "arms" / "long")
+    return workdir, steps[-1] if steps else 0
+
+
+def test_sigkill_of_the_runner_leaves_the_arm_a_checkpoint(killed):
+    workdir, saved = killed
+    text = (workdir / "arms" / "long" / "train.log").read_text()
+    assert "Broken pipe" not in text and "BrokenPipeError" not in text and "Traceback" not in text, text
+    assert 0 < saved < STEPS and f"SIGTERM: saved a checkpoint at step {saved}" in text, text[-2000:]
+
+
+@pytest.fixture(scope="module")
+def interrupted(config, killed) -> tuple[Path, int, int, str]:
+    """The rerun, sent SIGTERM once the arm trains again: (workdir, the step it resumed from,
+    its exit code, its output)."""
+    workdir, resumed = killed
     proc, out = start_sweep(config, workdir)
     try:
         wait_for_training(proc, workdir / "arms" / "long" / "train.log")
@@ -74,23 +104,23 @@ def interrupted(config, tmp_path_factory):
         code = proc.wait(timeout=180)
     finally:
         proc.kill()
-    return workdir, code, out.read_text()
+    return workdir, resumed, code, out.read_text()
 
 
 def test_sigterm_reaches_the_arm_which_checkpoints(interrupted):
-    workdir, code, output = interrupted
+    workdir, resumed, code, output = interrupted
     arm = workdir / "arms" / "long"
-    steps = checkpoint_steps(arm)
+    saved = checkpoint_steps(arm)[-1]
+    log = (arm / "train.log").read_text()
     assert code == 130, output  # SweepInterrupted.exit_code
-    assert steps and steps[-1] > 0 and steps[-1] < STEPS, (steps, output)
-    assert f"SIGTERM: saved a checkpoint at step {steps[-1]}" in (arm / "train.log").read_text()
+    assert f"resumed from {arm / 'checkpoints'} at step {resumed}" in log  # the SIGKILL's checkpoint
+    assert resumed < saved < STEPS and f"SIGTERM: saved a checkpoint at step {saved}" in log
     assert "sweep interrupted: arm(s) long stopped at a checkpoint" in output, output[-2000:]
-    assert not (workdir / "arms" / "short" / "train.log").exists()  # nothing new starts after SIGTERM
     assert not (workdir / "results.csv").exists()
 
 
-def test_rerun_resumes_the_interrupted_arm(interrupted, config):
-    workdir, _, _ = interrupted
+def test_rerun_resumes_the_interrupted_arm_and_finishes(interrupted, config):
+    workdir = interrupted[0]
     arm = workdir / "arms" / "long"
     saved = checkpoint_steps(arm)[-1]
     proc, out = start_sweep(config, workdir)
@@ -105,26 +135,4 @@ def test_rerun_resumes_the_interrupted_arm(interrupted, config):
     rows = [json.loads(line) for line in (arm / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(10, STEPS + 1, 10))  # none twice
     assert f"[long] [train] step {STEPS}/{STEPS}" in out.read_text()  # progress streamed from the log file
-    assert (workdir / "arms" / "short" / "run_summary.json").exists()
-
-
-def test_sigkill_of_the_runner_leaves_the_arm_a_checkpoint(config, tmp_path):
-    workdir = tmp_path / "sweep"
-    log = workdir / "arms" / "long" / "train.log"
-    proc, _ = start_sweep(config, workdir)
-    try:
-        wait_for_training(proc, log)
-        arms = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "train.py" in " ".join(p.cmdline())]
-        assert len(arms) == 1
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        gone, alive = psutil.wait_procs(arms, timeout=180)
-        assert not alive, "the arm did not stop"
-    finally:
-        proc.kill()
-    text = log.read_text()
-    assert "Broken pipe" not in text and "BrokenPipeError" not in text and "Traceback" not in text, text
-    steps = checkpoint_steps(workdir / "arms" / "long")
-    finished = (workdir / "arms" / "long" / "run_summary.json").exists() and f"step {STEPS}/{STEPS}" in text
-    assert finished or (steps and steps[-1] > 0), text[-2000:]
+    assert (workdir / "results.csv").exists()
