@@ -1,6 +1,7 @@
-"""Sweeps on a real two-node Ray cluster on 127.0.0.1: a worker node dies mid-arm, Ray retries
-the arm on the head node, it resumes from its checkpoint, and the report equals the local
-launcher's on the same arms."""
+"""Real sweeps of the tiny config, end to end: the local launcher (results, report, a failed
+arm, a rerun that skips what is finished), then the same arms on a two-node Ray cluster on
+127.0.0.1 whose worker node is SIGKILLed mid-arm: Ray retries the arm on the head node, it
+resumes from its checkpoint, and the report equals the local launcher's."""
 
 import contextlib
 import csv
@@ -17,11 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-ray = pytest.importorskip("ray")
-from ray._private import ray_constants  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from ftjax.experiments.ray_launcher import ray_options  # noqa: E402
+from ftjax.experiments.ray_launcher import ray_options
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 5
@@ -41,9 +38,12 @@ def get_config(arg=None):
     return c
 
 def sweep():
-    return [{{"name": f"lr{{lr}}-s{{s}}", "group": f"lr{{lr}}", "train.learning_rate": lr,
+    arms = [{{"name": f"lr{{lr}}-s{{s}}", "group": f"lr{{lr}}", "train.learning_rate": lr,
               "train.seed": s}} for lr in (0.003, 0.001) for s in (0, 1)]
+    return arms + [{{"name": "broken", "group": "broken", "model.remat": "bogus"}}]
 '''
+# Arms run on one CPU device (not conftest's 8 fake ones): fast steps on a shared machine.
+ARM_ENV_DROP = ("XLA_FLAGS",)
 
 
 def test_ray_options_split_resources():
@@ -55,7 +55,10 @@ def test_ray_options_split_resources():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a worker node on 127.0.0.1, one CPU each, dashboard off; always torn down."""
+    """A head (2 CPUs) and a worker node (1 CPU) on 127.0.0.1, dashboard off; always torn down."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a limit
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": temp}
     saved = {k: os.environ.get(k) for k in [*env, "XLA_FLAGS"]}
@@ -64,7 +67,7 @@ def cluster():
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster, started = Cluster(), []
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", include_dashboard=False,
+        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", include_dashboard=False,
                          temp_dir=os.path.join(temp, "ray"), _system_config={
                              "health_check_period_ms": 500, "health_check_failure_threshold": 4})
         worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
@@ -105,6 +108,8 @@ def arm_on_node(workdir: Path, node_id: str) -> Path | None:
 
 def kill_node(node) -> None:
     """SIGKILL the node's raylet and everything under it (its workers and their arms)."""
+    from ray._private import ray_constants
+
     raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
     for p in raylet.children(recursive=True) + [raylet]:
         p.send_signal(signal.SIGKILL)
@@ -121,20 +126,61 @@ def comparable(report: str) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def sweeps(cluster, tmp_path_factory):
-    cluster, worker = cluster
-    root = tmp_path_factory.mktemp("ray_sweep")
-    config = root / "ray_config.py"
-    config.write_text(CONFIG.format(repo=str(REPO), steps=STEPS, every=EVERY))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per arm
-    local = subprocess.run(sweep_cmd(config, root / "local", "--parallel=2"), env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+def arm_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ARM_ENV_DROP}
 
-    workdir, out = root / "ray", root / "ray.out"
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sweep_e2e") / "e2e_config.py"
+    path.write_text(CONFIG.format(repo=str(REPO), steps=STEPS, every=EVERY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(config) -> tuple[Path, str]:
+    """The local launcher's sweep (2 arms at a time): (workdir, its output)."""
+    workdir = config.parent / "local"
+    run = subprocess.run(sweep_cmd(config, workdir, "--parallel=2"), env=arm_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return workdir, run.stdout
+
+
+def test_local_sweep_results_report_and_failed_arm(local):
+    workdir, output = local
+    assert "[broken] FAILED" in output
+    assert "unknown remat policy 'bogus'" in (workdir / "arms" / "broken" / "error.txt").read_text()
+    rows = list(csv.DictReader(open(workdir / "results.csv")))
+    assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"]
+    for r in rows[:4]:
+        summary = json.loads((workdir / "arms" / r["name"] / "run_summary.json").read_text())
+        assert float(r["value"]) == pytest.approx(summary["final"]["loss"])
+        assert summary["tokens_seen"] == STEPS * 2 * 16 and summary["train_flops"] > 0
+    text = (workdir / "report.md").read_text()
+    assert "| lr0.003 | 2 |" in text and "| lr0.001 | 2 |" in text and "Paired t-tests" in text
+    assert "broken" in text and (workdir / "loss_by_method.png").exists()
+    assert any((workdir / "xla_cache").iterdir())
+
+
+def test_local_rerun_skips_finished_and_failed_arms(local, config):
+    workdir, _ = local
+    stamps = {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}
+    again = subprocess.run(sweep_cmd(config, workdir), env=arm_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done, skipped") == 4 and "[broken] failed, skipped" in again.stdout
+    assert stamps == {p: p.stat().st_mtime for p in workdir.glob("arms/*/run_summary.json")}
+
+
+@pytest.fixture(scope="module")
+def on_ray(cluster, config, local) -> tuple[Path, Path, int, str]:
+    """The same sweep on Ray, its worker node killed mid-arm: (workdir, the lost arm, the
+    checkpoint step it had saved, the driver's output)."""
+    cluster, worker = cluster
+    workdir, out = config.parent / "ray", config.parent / "ray.out"
     proc = subprocess.Popen(sweep_cmd(config, workdir, "--launcher=ray", f"--ray_address={cluster.address}"),
-                            env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+                            env=arm_env(), stdout=open(out, "w"), stderr=subprocess.STDOUT)
     try:
         deadline, victim = time.time() + 300, None
         while victim is None:
@@ -147,32 +193,35 @@ def sweeps(cluster, tmp_path_factory):
         assert proc.wait(timeout=600) == 0, out.read_text()[-5000:]
     finally:
         proc.kill()
-    return root, victim, saved, out.read_text()
+    return workdir, victim, saved, out.read_text()
 
 
-def test_every_arm_finishes_and_the_lost_arm_resumes(sweeps):
-    root, victim, saved, output = sweeps
-    rows = list(csv.DictReader(open(root / "ray" / "results.csv")))
-    assert [r["status"] for r in rows] == ["done"] * 4, output[-3000:]
+def test_ray_every_arm_finishes_and_the_lost_arm_resumes(on_ray):
+    workdir, victim, saved, output = on_ray
+    rows = list(csv.DictReader(open(workdir / "results.csv")))
+    assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"], output[-3000:]
     log = (victim / "train.log").read_text()
     assert log.count("\n== ") + log.startswith("== ") == 2  # the lost attempt and its retry
     assert f"resumed from {victim / 'checkpoints'} at step {saved}" in log
     summary = json.loads((victim / "run_summary.json").read_text())
     assert summary["resumed_from_step"] == saved > 0 and summary["steps"] == STEPS
-    rows = [json.loads(line) for line in (victim / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train/loss" in r] == list(range(EVERY, STEPS + 1, EVERY))
+    logged = [json.loads(line) for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/loss" in r] == list(range(EVERY, STEPS + 1, EVERY))
     assert f"[{victim.name}] [train] step {STEPS}/{STEPS}" in output  # progress reached the driver
+    for row in rows:
+        assert f"[{row['name']}] starting on" in output, row["name"]
 
 
-def test_report_equals_the_local_launchers(sweeps):
-    root = sweeps[0]
-    local = {r["name"]: r for r in csv.DictReader(open(root / "local" / "results.csv"))}
-    remote = {r["name"]: r for r in csv.DictReader(open(root / "ray" / "results.csv"))}
+def test_ray_report_equals_the_local_launchers(on_ray, local):
+    (ray_dir, *_), (local_dir, _) = on_ray, local
+    remote = {r["name"]: r for r in csv.DictReader(open(ray_dir / "results.csv"))}
+    local = {r["name"]: r for r in csv.DictReader(open(local_dir / "results.csv"))}
     assert local.keys() == remote.keys()
     for name in local:
         for key in ("group", "seed", "status", "metric", "best_step", "trainable_params", "total_params"):
             assert remote[name][key] == local[name][key], (name, key)
         for key in ("value", "best_value"):
-            assert float(remote[name][key]) == pytest.approx(float(local[name][key]), rel=1e-5)
-    assert comparable((root / "ray" / "report.md").read_text()) == \
-        comparable((root / "local" / "report.md").read_text())
+            if local[name][key]:
+                assert float(remote[name][key]) == pytest.approx(float(local[name][key]), rel=1e-5)
+    assert comparable((ray_dir / "report.md").read_text()) == \
+        comparable((local_dir / "report.md").read_text())

@@ -44,15 +44,22 @@ def _arm_task(config_arg: str, arm: Arm, workdir: str, retry_failed: bool) -> st
                          where=f"{socket.gethostname()} (Ray node {node})")
 
 
+def _driver_settings(address: str | None) -> None:
+    """Settings Ray reads when it is imported: print every arm's progress lines (Ray would fold
+    lines that differ only in numbers, as arm names often do, into one), and keep a loopback
+    cluster address on loopback (Ray's driver swaps in this machine's outward IP unless told it
+    is on a one-machine platform)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address and address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 class RayLauncher(Launcher):
     """Arms as Ray tasks on the cluster at ``address`` (None: a fresh local Ray instance)."""
 
     def __init__(self, config_arg: str, workdir: str | os.PathLike, *, address: str | None = None,
                  max_retries: int = 3, echo: Callable[[str], None] = print, retry_failed: bool = False):
-        if address and address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-            # Ray's driver swaps a loopback address for this machine's outward IP unless told it
-            # is on a one-machine platform; keep a loopback-only cluster on loopback.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _driver_settings(address)
         import ray
 
         super().__init__(config_arg, workdir, echo=echo, retry_failed=retry_failed)
