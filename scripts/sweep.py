@@ -9,7 +9,7 @@ With --search (the default for a config with search() but no sweep()) it runs th
 Optuna search instead: --parallel trials at a time, report in search_report.md (docs/search.md).
 """
 
-from absl import app, flags
+from absl import flags
 
 from ftjax import cli
 
