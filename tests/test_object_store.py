@@ -193,3 +193,31 @@ def test_unwritable_gs_workdir_fails_before_the_first_step(gcs, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "no-such-bucket-ftjax" not in gcs.buckets()  # and nothing made it on the way
     _no_local_gs_folder(tmp_path)
+
+
+def test_gs_sweep_folder_holds_arms_results_and_report(gcs, tmp_path):
+    """scripts/sweep.py with its folder in the bucket: the arm's workdir, its log (copied from the
+    local spool when it ends), results.csv and report.md all land in the bucket."""
+    from etils import epath
+
+    config = tmp_path / "sweep_cfg.py"
+    config.write_text(
+        f"from configs.tiny import get_config as _tiny\n"
+        f"def get_config(arg=None):\n"
+        f"    c = _tiny()\n    c.train.steps = 2\n    c.eval.max_batches = 1\n"
+        f"    c.checkpoint.async_save = False\n    return c\n"
+        f"def sweep():\n    return [{{'name': 'a', 'train.seed': 0}}]\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(gcs.env, PYTHONPATH=f"{REPO}")
+    r = _script("sweep.py", f"--config={config}", f"--workdir={gcs.url('sweep')}", env=env, cwd=cwd)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    written = set(gcs.objects("sweep/"))
+    for name in ("sweep.json", "results.csv", "report.md", "arms/a/run_summary.json",
+                 "arms/a/train.log", "arms/a/config.json"):
+        assert f"sweep/{name}" in written, sorted(written)
+    assert any(n.startswith("sweep/arms/a/checkpoints/2/") for n in written)
+    assert "[train] step 2/2" in (epath.Path(gcs.url("sweep", "arms", "a", "train.log"))).read_text()
+    results = (epath.Path(gcs.url("sweep", "results.csv"))).read_text().splitlines()
+    assert len(results) == 2 and results[1].startswith("a,"), results
+    _no_local_gs_folder(cwd, tmp_path)

@@ -6,7 +6,8 @@ without ``train.seed``) and an optional ``resources`` says what the arm needs on
 (default: the config module's ``RESOURCES``, else one CPU). Each arm is ``scripts/train.py`` in
 its own process and workdir (``DIR/arms/NAME``), so a crash or OOM stays in its arm.
 
-The arm's output goes to its own file, ``DIR/arms/NAME/train.log``; the runner tails it and
+The arm's output goes to its own file, ``DIR/arms/NAME/train.log`` (for a ``gs://`` sweep, a
+local spool file copied there when the arm ends); the runner tails it and
 echoes the progress lines with an ``[NAME]`` prefix, so the arm never writes to a pipe that
 dies with its runner. A runner asked to stop sends the arm SIGTERM (the train loop checkpoints
 and exits); a runner that dies takes the arm down the same way (Linux: the parent-death signal
@@ -24,6 +25,7 @@ import collections
 import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -32,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -111,11 +114,21 @@ def expand_arms(entries: list[dict[str, Any]], resources: dict[str, float] | Non
 
 
 def sweep_dir(workdir: str | os.PathLike) -> epath.Path:
-    """The sweep folder as an absolute path; arms log to files and lock them, so no URLs."""
-    if is_url(workdir):
-        raise SweepError(f"sweep workdir {workdir} is a URL: arms write their train.log and lock "
-                         "files there, so use a local or mounted folder (NFS, GCS FUSE)")
+    """The sweep folder: an absolute local path, or a URL (``gs://``) left as it is."""
     return as_path(workdir)
+
+
+def local_side(path: epath.Path) -> epath.Path:
+    """Where an arm's ``train.log`` and ``arm.lock`` live while it runs.
+
+    A process writes its output to a file and a lock needs a file system, so for an arm folder
+    on an object store they live in a local spool folder named after the URL (its log is copied
+    into the arm folder when the arm ends); a local or mounted arm folder holds them itself.
+    """
+    if not is_url(path):
+        return path
+    digest = hashlib.sha1(os.fspath(path).encode()).hexdigest()[:16]
+    return epath.Path(tempfile.gettempdir()) / "ftjax-sweeps" / f"{path.name}-{digest}"
 
 
 def arm_dir(workdir: str | os.PathLike, arm: Arm) -> epath.Path:
@@ -177,7 +190,8 @@ def run_arm(config_arg: str, arm: Arm, workdir: str | os.PathLike, *,
     if stop():
         return status
     path.mkdir(parents=True, exist_ok=True)
-    lock = _acquire(path / "arm.lock", say, stop)
+    local_side(path).mkdir(parents=True, exist_ok=True)
+    lock = _acquire(local_side(path) / "arm.lock", say, stop)
     if lock is None:
         return arm_status(path)
     try:
@@ -195,7 +209,7 @@ def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Map
     (path / "error.txt").unlink(missing_ok=True)
     (path / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
     cmd = arm_command(config_arg, arm, path)
-    log_path = os.fspath(path / "train.log")
+    log_path = os.fspath(local_side(path) / "train.log")
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {where}, runner pid {os.getpid()}: "
                   f"{' '.join(cmd)}\n")
@@ -224,6 +238,8 @@ def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Map
         except KeyboardInterrupt:
             stop = lambda: True  # noqa: E731
     tail.close()
+    if is_url(path):
+        (path / "train.log").write_text(epath.Path(log_path).read_text())
     status = arm_status(path)
     if status == "done":
         say(f"done in {time.time() - start:.0f}s")
