@@ -149,3 +149,7 @@ def test_bad_mesh_and_batch_fail_before_compile():
     config.train.batch_size, config.train.grad_accum = 16, 3
     with pytest.raises(ConfigError, match="not divisible by config.train.grad_accum=3"):
         build(config)
+    config = get_config()
+    config.model.remat = "bogus"
+    with pytest.raises(ConfigError, match="config.model.remat='bogus'; choose from"):
+        build(config)

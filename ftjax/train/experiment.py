@@ -19,6 +19,7 @@ from ftjax import models, peft, sharding
 from ftjax.data import pipeline
 from ftjax.errors import FtjaxError
 from ftjax.models.registry import count_params
+from ftjax.models.stack import REMAT_POLICIES
 from ftjax.train import warm_start
 from ftjax.train.step import LOSS_KINDS
 
@@ -88,6 +89,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     """Mesh -> checks -> data -> model (born sharded) -> method -> split (-> init_from weights)."""
     if config.model.head not in LOSS_KINDS:
         raise ConfigError(f"config.model.head={config.model.head!r}; choose from {sorted(LOSS_KINDS)}")
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat={config.model.remat!r}; choose from {sorted(REMAT_POLICIES)}")
     sizes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
     devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
     mesh = sharding.make_mesh(sizes, devices)
