@@ -38,7 +38,7 @@ def _truncate_data_file(state):
 
 # step -> (how it is damaged, what the message says is wrong)
 DAMAGE = {
-    8: (_truncate_data_file, "its data cannot be read (ValueError: OUT_OF_RANGE: Error reading"),
+    8: (_truncate_data_file, "its data cannot be read: ValueError: OUT_OF_RANGE: Error reading"),
     6: (lambda state: (state / "_METADATA").unlink(), "state/_METADATA is missing"),
     4: (lambda state: (state / "manifest.ocdbt").unlink(), "state/manifest.ocdbt is missing"),
 }

@@ -4,13 +4,13 @@ written; harmless changes are recorded; kill -9 at random moments still resumes 
 import json
 import random
 import shutil
-import signal
 import time
 
 import numpy as np
 import pytest
 
-from tests.test_resume_logs import ARGS, EVERY, STEPS, _checkpoints, _kill, _values, reference_run
+from tests.test_resume_logs import (ARGS, EVERY, STEPS, _checkpoints, _kill, _values,  # noqa: F401
+                                    reference_run, shared_xla_cache)
 from tests.test_train_loop import _flat, _params_at, _run_cli, _wait_for_step
 
 BASE = {"train.steps": 20, "checkpoint.every_steps": 10, "log.every_steps": 10,

@@ -21,6 +21,15 @@ ARGS = ("--config.log.every_steps=1", f"--config.train.steps={STEPS}", "--config
 VALUES = ("train/loss", "train/accuracy", "train/grad_norm", "train/learning_rate", "eval/loss")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_xla_cache(tmp_path_factory):
+    """The training processes these tests start and kill compile the same programs: one
+    persistent XLA cache (per session) lets the later ones skip the compile."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "xla_cache"))
+        yield
+
+
 def reference_run(tmp_path_factory):
     """An uninterrupted in-process run of this config (checkpoints every 3 steps); made once per
     session and shared by the kill tests of several modules."""

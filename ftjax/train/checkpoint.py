@@ -153,7 +153,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise plain Exception and ValueError
             _drop_unfinished_reads()
-            return None, f"its data cannot be read ({_root_cause(e)})"
+            return None, f"its data cannot be read: {_root_cause(e)}"
         return (out.state, out.data), ""
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:

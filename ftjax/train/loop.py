@@ -11,19 +11,18 @@ cleanly.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import time
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
-
 from etils import epath
+from flax import nnx
 
 from ftjax import distributed, sharding
 from ftjax.eval import tasks as eval_tasks
@@ -187,8 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             log.info(format_table(last_eval))
     if main:
         summary = dict(
-            run=log.run, steps=int(state.step), resumed_from_step=start, trainable_params=exp.num_trainable,
-            total_params=exp.num_total, tokens_seen=tokens_seen,
+            run=log.run, steps=int(state.step), resumed_from_step=start,
+            trainable_params=exp.num_trainable, total_params=exp.num_total, tokens_seen=tokens_seen,
             train_flops=float(tokens_seen * (flops_per_token or 0.0)),
             wall_time_s=time.time() - run_start, first_step_s=first_step_time,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
