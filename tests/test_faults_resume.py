@@ -77,11 +77,19 @@ def test_more_steps_are_allowed_recorded_and_the_run_continues(full_run, tmp_pat
 
     workdir = tmp_path / "run"
     shutil.copytree(full_run, workdir)
-    train(_config(**{"train.steps": 30}), workdir)
+    # best_mode=max over the loss makes the best eval the one before the resume (step 20): the
+    # resumed run's summary must still name it, from the eval rows its log kept.
+    train(_config(**{"train.steps": 30, "eval.best_mode": "max"}), workdir)
     history = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
     assert len(history) == 1
     assert history[0]["step"] == 20
-    assert history[0]["changed"] == {"train.steps": {"old": 20, "new": 30}}
+    assert history[0]["changed"] == {"train.steps": {"old": 20, "new": 30},
+                                     "eval.best_mode": {"old": "min", "new": "max"}}
+    evals = {r["step"]: r["eval/loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text()
+                                                    .splitlines()) if "eval/loss" in r}
+    assert sorted(evals) == [20, 30] and evals[20] > evals[30], evals
+    best = json.loads((workdir / "run_summary.json").read_text())["best"]
+    assert (best["step"], best["value"]) == (20, evals[20]), best
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 30
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [10, 20, 30]

@@ -33,7 +33,7 @@ from ftjax.train import memory, optim, regularizers, resume
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
 from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
-from ftjax.train.logger import MetricsLogger
+from ftjax.train.logger import MetricsLogger, read_metrics
 from ftjax.train.step import TrainState, make_train_step
 
 
@@ -135,9 +135,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     flops_per_token = None
     peak = peak_flops_per_device()
     last_eval: dict = {}
-    best: dict[str, Any] = {}
     run_start, tokens_seen = time.time(), 0
     log.start(start)
+    best = _best_logged(workdir, config.eval) if main else {}  # evals before a resume count too
     with _Preemption() as preempt:
         window_start, window_tokens, first_step_time = time.time(), 0, None
         for step in range(start, t.steps):
@@ -206,6 +206,16 @@ def _better(best: dict, step: int, metrics: dict, eval_cfg: ml_collections.Confi
         return best
     if not best or (value < best["value"] if eval_cfg.best_mode == "min" else value > best["value"]):
         return {"step": step, "metric": eval_cfg.best_metric, "value": float(value)}
+    return best
+
+
+def _best_logged(workdir: epath.Path, eval_cfg: ml_collections.ConfigDict) -> dict:
+    """The best eval among the rows the log holds (after ``log.start``: up to the restored step)."""
+    best: dict[str, Any] = {}
+    for row in read_metrics(workdir):
+        evals = {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")}
+        if evals:
+            best = _better(best, row["step"], evals, eval_cfg)
     return best
 
 
