@@ -150,7 +150,8 @@ def local(config) -> tuple[Path, str]:
 def test_local_sweep_results_report_and_failed_arm(local):
     workdir, output = local
     assert "[broken] FAILED" in output
-    assert "error: config.model.remat='bogus'; choose from" in (workdir / "arms" / "broken" / "error.txt").read_text()
+    error = (workdir / "arms" / "broken" / "error.txt").read_text()
+    assert "error: config.model.remat='bogus'; choose from" in error
     rows = list(csv.DictReader(open(workdir / "results.csv")))
     assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"]
     for r in rows[:4]:
