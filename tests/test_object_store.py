@@ -202,14 +202,14 @@ def test_gs_sweep_folder_holds_arms_results_and_report(gcs, tmp_path):
 
     config = tmp_path / "sweep_cfg.py"
     config.write_text(
-        f"from configs.tiny import get_config as _tiny\n"
-        f"def get_config(arg=None):\n"
-        f"    c = _tiny()\n    c.train.steps = 2\n    c.eval.max_batches = 1\n"
-        f"    c.checkpoint.async_save = False\n    return c\n"
-        f"def sweep():\n    return [{{'name': 'a', 'train.seed': 0}}]\n")
+        "from configs.tiny import get_config as _tiny\n"
+        "def get_config(arg=None):\n"
+        "    c = _tiny()\n    c.train.steps = 2\n    c.eval.max_batches = 1\n"
+        "    c.checkpoint.async_save = False\n    return c\n"
+        "def sweep():\n    return [{'name': 'a', 'train.seed': 0}]\n")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = dict(gcs.env, PYTHONPATH=f"{REPO}")
+    env = dict(gcs.env, PYTHONPATH=str(REPO))
     r = _script("sweep.py", f"--config={config}", f"--workdir={gcs.url('sweep')}", env=env, cwd=cwd)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     written = set(gcs.objects("sweep/"))
