@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import transformers
 
-from test_serve import hf_greedy, save_tiny, word_tokenizer
+from test_serve import hf_greedy, save_tiny, start_server, word_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 READ_TIMEOUT_S = 2.0
 BURST = 64
 PROMPT = "the sea is"
@@ -31,20 +26,8 @@ def server(tmp_path_factory):
     """(host, port, tiny LM) of a server started with a short read timeout."""
     root = tmp_path_factory.mktemp("serve_faults")
     lm = save_tiny(transformers.LlamaForCausalLM, root / "tiny-lm")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--model={root / 'tiny-lm'}",
-         "--port=0", f"--read_timeout_s={READ_TIMEOUT_S}"], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # wait for the "serving ... on http://host:port/v1" line
-        lines.append(line)
-        if line.startswith("serving "):
-            break
-    if proc.poll() is not None or not lines or not lines[-1].startswith("serving "):
-        raise RuntimeError("server did not start:\n" + "".join(lines))
-    host, port = lines[-1].split("http://")[1].split("/")[0].rsplit(":", 1)
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # drain
+    proc, base = start_server(f"--model={root / 'tiny-lm'}", f"--read_timeout_s={READ_TIMEOUT_S}")
+    host, port = base.split("http://")[1].split("/")[0].rsplit(":", 1)
     yield host, int(port), lm
     proc.terminate()
     proc.wait(timeout=30)

@@ -56,18 +56,11 @@ def save_tiny(cls, folder: Path, **extra) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    lm = save_tiny(transformers.LlamaForCausalLM, root / "tiny-lm")
-    clf = save_tiny(transformers.LlamaForSequenceClassification, root / "tiny-clf",
-                    num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """scripts/serve.py on a free 127.0.0.1 port: the process and its base URL (http://host:port/v1)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--model={root / 'tiny-lm'}",
-         f"--model={root / 'tiny-clf'}", "--port=0", f"--api-key={API_KEY}",
-         "--max_body_bytes=4096"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve.py"), "--port=0", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # wait for the "serving ... on http://host:port/v1" line
         lines.append(line)
@@ -75,8 +68,18 @@ def server(tmp_path_factory):
             break
     if proc.poll() is not None or not lines or not lines[-1].startswith("serving "):
         raise RuntimeError("server did not start:\n" + "".join(lines))
-    base = lines[-1].split(" on ")[1].strip()
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # drain
+    return proc, lines[-1].split(" on ")[1].strip()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    lm = save_tiny(transformers.LlamaForCausalLM, root / "tiny-lm")
+    clf = save_tiny(transformers.LlamaForSequenceClassification, root / "tiny-clf",
+                    num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    proc, base = start_server(f"--model={root / 'tiny-lm'}", f"--model={root / 'tiny-clf'}",
+                              f"--api-key={API_KEY}", "--max_body_bytes=4096")
     yield base, lm, clf
     proc.terminate()
     proc.wait(timeout=30)
