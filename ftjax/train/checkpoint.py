@@ -13,6 +13,7 @@ one is restored instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any
@@ -46,7 +47,9 @@ def _drop_unfinished_reads() -> None:
     """After a failed restore orbax's other array reads are left unfinished: their tensorstore
     callbacks then find the event loop closed, and Python prints each leftover read's traceback
     (with tensorstore's spec) when it collects them, hundreds of lines after the one-line report
-    of the first failure. Those (and only those) are dropped from then on."""
+    of the first failure (some while it is still being raised), through the unraisable hook, the
+    except hook or asyncio's "Task exception was never retrieved" log. Those (and only those) are
+    dropped from the first restore on."""
     if getattr(sys.unraisablehook, "_ftjax", False):
         return
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
@@ -63,8 +66,15 @@ def _drop_unfinished_reads() -> None:
         if not leftover(exc):
             previous_except(kind, exc, tb)
 
+    class LeftoverTaskFilter(logging.Filter):  # asyncio logs "Task exception was never retrieved"
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            return not (leftover(exc) or "_read_array_index_and_device_put" in record.getMessage()
+                        or "Encountered error while reading array index" in str(exc))
+
     unraisable_hook._ftjax = True
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    logging.getLogger("asyncio").addFilter(LeftoverTaskFilter())
 
 
 def _root_cause(e: BaseException) -> str:
@@ -148,11 +158,11 @@ class Checkpointer:
         problem = self.damage(step)
         if problem is not None:
             return None, problem
+        _drop_unfinished_reads()  # before: a failing read's siblings may report while it fails
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise plain Exception and ValueError
-            _drop_unfinished_reads()
             return None, f"its data cannot be read: {_root_cause(e)}"
         return (out.state, out.data), ""
 
