@@ -9,6 +9,7 @@ bug and keeps Python's traceback (exit code 1).
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 import re
 import sys
@@ -20,7 +21,8 @@ from absl import flags
 
 from ftjax.errors import FtjaxError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs (package data, so --config=NAME works from an installed wheel too).
+CONFIG_DIR = Path(importlib.resources.files("ftjax.configs"))
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of user errors too "
                              "(as FTJAX_DEBUG=1 does).")
 # OS errors that name a path the user gave; any other OSError is treated as a bug.
@@ -32,7 +34,7 @@ class FlagError(FtjaxError):
 
 
 def resolve_config_arg(argv: list[str]) -> list[str]:
-    """Let ``--config=NAME[:ARG]`` name a file in configs/ (``--config=tiny`` -> configs/tiny.py);
+    """Let ``--config=NAME[:ARG]`` name a shipped config (``--config=tiny`` -> ftjax/configs/tiny.py);
     a config that is neither a file nor a name raises ``FlagError`` naming it."""
     out = []
     for arg in argv:
@@ -50,7 +52,7 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
 def _missing_config(name: str) -> str:
     if "/" in name or name.endswith(".py"):
         return f"config file {name} not found (relative paths are relative to {os.getcwd()})"
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
     close = difflib.get_close_matches(name, names, n=1)
     hint = f' Did you mean "{close[0]}"?' if close else ""
     return (f"--config={name}: no such file, and no config named {name!r} in {CONFIG_DIR} "

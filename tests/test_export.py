@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """configs/tiny.py for 2 steps with SmolLM2's byte-level BPE tokenizer (GGUF needs BPE)."""
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.train.loop import train
     workdir = tmp_path_factory.mktemp("run")
     config = get_config("steps=2")
@@ -100,7 +100,7 @@ def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path):
     ftjax's logits when HF peft puts the adapter on that base."""
     import peft
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.train.loop import train
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ STEPS, EVERY = 8, 2
 
 
 def _config():
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
 
     c = get_config(f"steps={STEPS}")
     c.mesh.num_devices = 1

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
     """A tiny-bert SST-2 classifier trained (all weights) for one step, without an eval split."""
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.data import presets
     from ftjax.train.loop import train
     config = get_config("steps=1")

@@ -18,7 +18,7 @@ BASE = {"train.steps": 20, "checkpoint.every_steps": 10, "log.every_steps": 10,
 
 
 def _config(**overrides):
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
 
     config = get_config()
     config.update_from_flattened_dict({**BASE, **overrides})

@@ -117,7 +117,7 @@ def test_scores_and_calibration_by_hand(tiny):
 
 @pytest.mark.slow
 def test_smollm2_sst2_incontext(capsys):
-    from configs.sst2_incontext import get_config
+    from ftjax.configs.sst2_incontext import get_config
     c = get_config("k=1,draws=2,max_examples=8")
     c.incontext.batch_size = 8
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])

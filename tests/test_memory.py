@@ -94,7 +94,7 @@ def test_activation_estimate_tracks_xla_buffer_assignment(remat):
 
 
 def test_train_loop_refuses_before_compiling(tmp_path, monkeypatch):
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.train.loop import train
 
     monkeypatch.setattr(memory, "device_limit", lambda device=None: 1024 ** 2)

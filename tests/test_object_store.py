@@ -19,7 +19,7 @@ import pytest
 from object_store import gcs, gcs_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.py"
+TINY = REPO / "ftjax" / "configs" / "tiny.py"
 STEPS = 8
 ARGS = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False",
         "--config.checkpoint.every_steps=2", f"--config.train.steps={STEPS}",
@@ -104,7 +104,7 @@ def test_emulator_serves_epath_and_orbax(gcs):
 
 def test_data_cache_in_bucket(gcs, monkeypatch):
     """scripts/prepare_data.py's cache (prepare_cached) written to and read back from the bucket."""
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.data import pipeline, prepare
 
     config = get_config()
@@ -202,7 +202,7 @@ def test_gs_sweep_folder_holds_arms_results_and_report(gcs, tmp_path):
 
     config = tmp_path / "sweep_cfg.py"
     config.write_text(
-        "from configs.tiny import get_config as _tiny\n"
+        "from ftjax.configs.tiny import get_config as _tiny\n"
         "def get_config(arg=None):\n"
         "    c = _tiny()\n    c.train.steps = 2\n    c.eval.max_batches = 1\n"
         "    c.checkpoint.async_save = False\n    return c\n"

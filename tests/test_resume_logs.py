@@ -33,7 +33,7 @@ def shared_xla_cache(tmp_path_factory):
 def reference_run(tmp_path_factory):
     """An uninterrupted in-process run of this config (checkpoints every 3 steps); made once per
     session and shared by the kill tests of several modules."""
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.train.loop import train
 
     workdir = tmp_path_factory.getbasetemp() / "uninterrupted_tiny"

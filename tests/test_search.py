@@ -155,7 +155,7 @@ def test_driver_runs_trials_in_parallel_and_a_sigterm_leaves_them_to_resume(tmp_
 SEARCH_CONFIG = '''
 import sys
 sys.path.insert(0, {repo!r})
-from configs.tiny import get_config as tiny
+from ftjax.configs.tiny import get_config as tiny
 
 def get_config(arg=None):
     c = tiny("steps=12")

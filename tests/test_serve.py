@@ -247,7 +247,7 @@ def _leaves(d, prefix=()):
 
 def test_workdir_config_round_trips(tmp_path):
     """A workdir's config.json (written by the training loop) rebuilds the run's ConfigDict."""
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
 
     from ftjax.serve.models import is_workdir, workdir_config
 

@@ -22,7 +22,7 @@ ARM_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 CONFIG = '''
 import sys
 sys.path.insert(0, {repo!r})
-from configs.tiny import get_config as tiny
+from ftjax.configs.tiny import get_config as tiny
 
 def get_config(arg=None):
     c = tiny("steps=200")

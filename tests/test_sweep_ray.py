@@ -26,7 +26,7 @@ STEPS, EVERY = 60, 5
 CONFIG = '''
 import sys
 sys.path.insert(0, {repo!r})
-from configs.tiny import get_config as tiny
+from ftjax.configs.tiny import get_config as tiny
 
 RESOURCES = {{"CPU": 1}}
 

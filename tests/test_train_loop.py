@@ -14,7 +14,7 @@ import pytest
 from ftjax.train.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.py"
+TINY = REPO / "ftjax" / "configs" / "tiny.py"
 
 
 def _losses(workdir: Path) -> dict[int, list[float]]:
@@ -64,7 +64,7 @@ COMMON = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False")
 
 def test_sharded_2x4_matches_single_device(tmp_path):
     from ftjax.train.loop import train
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
 
     losses = {}
     for name, mesh in (("one", dict(data=1, fsdp=1, tensor=1, num_devices=1)),
@@ -113,7 +113,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM" in out
     logged = max(_losses(tmp_path))
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     ckpt = Checkpointer(tmp_path / "checkpoints", get_config().checkpoint)
     stopped = ckpt.latest_step()
     ckpt.close()
@@ -134,7 +134,7 @@ def test_config_typo_fails_with_suggestion(tmp_path):
 
 
 def test_bad_mesh_and_batch_fail_before_compile():
-    from configs.tiny import get_config
+    from ftjax.configs.tiny import get_config
     from ftjax.sharding import MeshError
     from ftjax.train.experiment import ConfigError, build
 

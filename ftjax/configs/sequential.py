@@ -17,7 +17,7 @@ from ftjax.config import base_config, finalize, parse_arg
 from ftjax.data import presets
 from ftjax.models.assets import minilm_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def get_config(arg=None):
