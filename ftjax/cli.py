@@ -15,6 +15,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 from absl import flags
@@ -70,6 +71,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     from absl import app, logging
 
     setup_environment()
+    _help_from(sys.modules[main.__module__])
     if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every array write at INFO
     try:
@@ -81,6 +83,17 @@ def run(main: Callable[[list[str]], Any]) -> None:
             traceback.print_exc()
         print(f"error: {_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code if isinstance(e, FtjaxError) else 2)
+
+
+def _help_from(command: ModuleType) -> None:
+    """Make ``--help`` print ``command``'s docstring and flags whichever file is ``__main__`` (a
+    console script, scripts/NAME.py): absl shows only those of ``__main__``."""
+    main = sys.modules["__main__"]
+    if command is main:
+        return
+    main.__doc__ = command.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(command.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def _debug(argv: list[str]) -> bool:

@@ -60,7 +60,7 @@ def markdown(study: optuna.Study, spec: SearchSpec, importance: dict[str, float]
         flags = " ".join(f"--config.{k}={v}" for k, v in best.params.items())
         lines += [f"Best: trial {best.number} (`arms/{best.user_attrs.get('arm')}`), "
                   f"{spec.metric} = {best.value:.6g} (its run_summary.json `best`).", "",
-                  f"    python scripts/train.py --config=... {flags}", ""]
+                  f"    ftjax-train --config=... {flags}", ""]
     names = list(spec.space)
     head = ["trial", "state", *names, spec.metric, "pruned at step", "stopped at step", "time"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -3,8 +3,9 @@
 ``sweep()`` returns a list of dicts of dotted config overrides; an optional ``name`` names the
 arm, an optional ``group`` says which arms are seeds of one method (default: the overrides
 without ``train.seed``) and an optional ``resources`` says what the arm needs on a Ray cluster
-(default: the config module's ``RESOURCES``, else one CPU). Each arm is ``scripts/train.py`` in
-its own process and workdir (``DIR/arms/NAME``), so a crash or OOM stays in its arm.
+(default: the config module's ``RESOURCES``, else one CPU). Each arm is the train command
+(``python -m ftjax.commands.train``) in its own process and workdir (``DIR/arms/NAME``), so a
+crash or OOM stays in its arm.
 
 The arm's output goes to its own file, ``DIR/arms/NAME/train.log`` (for a ``gs://`` sweep, a
 local spool file copied there when the arm ends); the runner tails it and
@@ -44,8 +45,8 @@ from etils import epath
 from ftjax.errors import FtjaxError
 from ftjax.paths import as_path, is_url
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+# Arms run the train command as a module of the installed package, from any directory.
+TRAIN_COMMAND = (sys.executable, "-m", "ftjax.commands.train")
 SEED_KEY = "train.seed"
 PROGRESS = ("[train]", "[eval]", "first step", "resumed", "mesh", "SIGTERM")
 _PR_SET_PDEATHSIG = 1
@@ -143,9 +144,12 @@ def write_manifest(workdir: str | os.PathLike, config_arg: str, arms: list[Arm])
         {"config": config_arg, "arms": [dataclasses.asdict(a) for a in arms]}, indent=2))
 
 
-def arm_command(config_arg: str, arm: Arm, workdir: os.PathLike) -> list[str]:
-    flags = [f"--config.{k}={v}" for k, v in arm.overrides.items()]
-    return [sys.executable, str(TRAIN_SCRIPT), f"--config={config_arg}", f"--workdir={workdir}", *flags]
+def arm_command(config_arg: str, arm: Arm, workdir: epath.Path) -> list[str]:
+    """The train command of ``arm`` in its ``workdir`` (``DIR/arms/NAME``); its W&B run (when
+    ``log.wandb``) goes in a group named after the sweep folder unless the arm sets one."""
+    overrides = {"log.wandb_group": workdir.parent.parent.name, **arm.overrides}
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [*TRAIN_COMMAND, f"--config={config_arg}", f"--workdir={workdir}", *flags]
 
 
 def cache_env(workdir: str | os.PathLike) -> dict[str, str]:

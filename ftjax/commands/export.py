@@ -1,0 +1,42 @@
+"""Export a trained run with a model card.
+
+ftjax-export --workdir=DIR --format=hf|peft|gguf --out=OUT [--checkpoint=latest|best|STEP]
+    [--gguf_dtype=f32|f16|bf16]
+
+hf: merged weights as a transformers folder; peft: the adapter as a PEFT folder; gguf:
+OUT/model-<dtype>.gguf for llama.cpp. The run's config comes from DIR/config.json. OUT may be a
+local path or a gs:// (or other epath) URL; it appears only once complete, replacing an earlier
+export there. An export the run cannot make is one 'error:' line (exit code 2) before anything
+is written.
+"""
+
+import jax
+from absl import flags
+
+from ftjax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft", "gguf"], "Export format.")
+_OUT = flags.DEFINE_string("out", None, "Output folder: a local path or a gs:// URL.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
+_GGUF_DTYPE = flags.DEFINE_enum("gguf_dtype", "f32", ["f32", "f16", "bf16"], "GGUF tensor type.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    del argv
+    from ftjax.export import export_run
+
+    out = export_run(_WORKDIR.value, _FORMAT.value, _OUT.value, _CHECKPOINT.value,
+                     gguf_dtype=_GGUF_DTYPE.value)
+    if jax.process_index() == 0:
+        print(f"wrote {_FORMAT.value} export to {out}: {sorted(p.name for p in out.iterdir())}")
+
+
+def run() -> None:
+    """The ``ftjax-export`` console script (``python -m ftjax.commands.export``)."""
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

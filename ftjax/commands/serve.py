@@ -1,0 +1,48 @@
+"""Serve models over an OpenAI-compatible HTTP API.
+
+ftjax-serve --model=DIR --port=P [--host=127.0.0.1] [--api-key=KEY]
+
+DIR is a training workdir, a Hugging Face export folder, a .gguf file, a hub id or a preset
+(with --tokenizer). Repeat --model to serve several; each is addressed by its folder/file name.
+"""
+
+from absl import flags, logging
+
+from ftjax import cli
+
+_MODEL = flags.DEFINE_multi_string("model", None, "Model source(s) to serve.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server.")
+_API_KEY = flags.DEFINE_string("api-key", None, "Require 'Authorization: Bearer KEY'.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "For workdirs: latest | best | STEP.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer folder for sources without one.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most requests decoded together.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodies get a 413.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 5.0, "A client silent this long mid-request "
+                                   "(e.g. a body shorter than its Content-Length) gets a 400.")
+flags.mark_flags_as_required(["model"])
+
+
+def main(argv):
+    del argv
+    from ftjax.serve.models import load_served
+    from ftjax.serve.server import App, make_server
+
+    models = [load_served(m, checkpoint=_CHECKPOINT.value, tokenizer=_TOKENIZER.value,
+                          max_batch=_MAX_BATCH.value) for m in _MODEL.value]
+    server = make_server(App(models, api_key=_API_KEY.value, max_body_bytes=_MAX_BODY.value),
+                         _HOST.value, _PORT.value, read_timeout_s=_READ_TIMEOUT.value)
+    host, port = server.server_address[:2]
+    # The test harness and users read this line to find the port.
+    print(f"serving {[m.name for m in models]} on http://{host}:{port}/v1", flush=True)
+    logging.info("listening on %s:%s", host, port)
+    server.serve_forever()
+
+
+def run() -> None:
+    """The ``ftjax-serve`` console script (``python -m ftjax.commands.serve``)."""
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
