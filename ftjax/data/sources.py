@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from ftjax.data.records import DataError, Record
+from ftjax.errors import require
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json",
                ".parquet": "parquet", ".conll": "conll", ".txt": "text"}
@@ -299,9 +300,9 @@ def _read_hf(cfg, split: str) -> list[Record]:
 
 
 def _read_tfds(cfg, split: str) -> list[Record]:
-    import tensorflow_datasets as tfds
     t = cfg.tfds
     origin = f"{t.name}[{split}]"
+    tfds = require("tensorflow_datasets", "tfds", f"{origin}: reading a TFDS data set (config.data.tfds)")
     try:
         builder = tfds.builder(t.name, data_dir=t.data_dir or None)
         source = tfds.data_source(t.name, split=split, data_dir=t.data_dir or None)

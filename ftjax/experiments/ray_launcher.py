@@ -1,6 +1,6 @@
 """Sweep arms as Ray tasks: Ray schedules them on a cluster's nodes and retries lost ones.
 
-Each arm is one task that runs the same ``scripts/train.py`` command as the local launcher, in
+Each arm is one task that runs the same train command as the local launcher, in
 the arm's folder of the sweep workdir (storage every node mounts at the same path), and asks
 Ray for the arm's ``resources`` (``{"CPU": 2}``, ``{"GPU": 1}``, ``{"TPU": 4}``; Ray then sets
 ``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS`` for it). A task whose node dies is retried up
@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Any, Callable
 
+from ftjax.errors import require
 from ftjax.experiments import sweep
 from ftjax.experiments.launchers import Launcher
 from ftjax.experiments.sweep import Arm
@@ -60,7 +61,7 @@ class RayLauncher(Launcher):
     def __init__(self, config_arg: str, workdir: str | os.PathLike, *, address: str | None = None,
                  max_retries: int = 3, echo: Callable[[str], None] = print, retry_failed: bool = False):
         _driver_settings(address)
-        import ray
+        ray = require("ray", "ray", "--launcher=ray")
 
         super().__init__(config_arg, workdir, echo=echo, retry_failed=retry_failed)
         if not ray.is_initialized():

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax import sharding
-from ftjax.errors import FtjaxError
+from ftjax.errors import FtjaxError, require
 from ftjax.models import registry, weights
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class PickleSource:
     """Pickled PyTorch ``.bin`` shards, loaded with ``torch.load(weights_only=True, mmap=True)``."""
 
     def __init__(self, folder: Path):
-        import torch
+        torch = require("torch", "torch", "Loading pickled PyTorch .bin weights (allow_pickle=True)")
         index = folder / PICKLE_INDEX
         files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
                  if index.exists() else sorted(folder.glob("*.bin")))
