@@ -87,7 +87,17 @@ def base_config() -> ml_collections.ConfigDict:
         max_examples=0,  # first N eval examples (0 = all)
         batch_size=8,  # eval examples per jitted call (each scores every label)
     ))
-    c.log = ml_collections.ConfigDict(dict(every_steps=10, tensorboard=True))
+    c.log = ml_collections.ConfigDict(dict(
+        every_steps=10,
+        tensorboard=True,
+        # Weights & Biases (pip install 'ftjax[wandb]'): the metrics.jsonl rows under the same
+        # names; WANDB_MODE=offline keeps the run on this machine (`wandb sync` sends it later).
+        wandb=False,
+        wandb_project="ftjax",
+        wandb_entity="",  # "" = the W&B default entity
+        wandb_name="",  # "" = the workdir's name
+        wandb_group="",  # sweeps set their folder's name
+    ))
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="",  # explicit multi-process: host:port of process 0
         num_processes=0,

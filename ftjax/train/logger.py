@@ -1,4 +1,5 @@
-"""Metrics to the console (with progress and ETA), ``metrics.jsonl`` and TensorBoard.
+"""Metrics to the console (with progress and ETA), ``metrics.jsonl``, TensorBoard and (with
+``config.log.wandb``) Weights & Biases, the last two under the log's own names (``train/loss``).
 
 The log always matches the state the run holds: ``start(step)`` keeps the rows up to ``step``
 (the restored checkpoint, 0 for a fresh start), moves the rows beyond it, written by a run that
@@ -6,7 +7,9 @@ died after its last checkpoint, to ``metrics.jsonl.stale-<run>`` (nothing is del
 TensorBoard supersede its events beyond ``step`` (``purge_step``). Every row carries the ``run``
 id of the process that logged it. ``read_metrics`` is the one reader of the log.
 
-Only process 0 writes; other processes get a logger that does nothing.
+Only process 0 writes; other processes get a logger that does nothing. Each training process
+is one W&B run (a resumed run is a new one with the same name and group, starting after its
+checkpoint, like its rows in the log).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import Any
 
 from etils import epath
 
-from ftjax.paths import as_path, write_text_atomic
+import ml_collections
+
+from ftjax.errors import require
+from ftjax.paths import as_path, is_url, write_text_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -72,9 +78,31 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     return [steps[s] for s in sorted(steps)]
 
 
+def wandb_options(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """``wandb.init`` arguments from ``config.log`` (None when ``log.wandb`` is off): its project,
+    entity, name (default: the workdir's name) and group, the whole config, and a local workdir as
+    the folder of the run's files."""
+    log = config.log
+    if not log.wandb:
+        return None
+    path = as_path(workdir)
+    return dict(project=log.wandb_project, entity=log.wandb_entity or None,
+                name=log.wandb_name or path.name, group=log.wandb_group or None, job_type="train",
+                config=json.loads(config.to_json_best_effort()),
+                dir=None if is_url(workdir) else os.fspath(path))
+
+
+def _scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a row, without ``step``: what TensorBoard and W&B plot."""
+    return {k: v for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 class MetricsLogger:
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, tensorboard: bool = True,
-                 enabled: bool = True, stream=None, run: str | None = None):
+                 wandb: dict[str, Any] | None = None, enabled: bool = True, stream=None,
+                 run: str | None = None):
+        """``wandb``: ``wandb.init`` arguments (``wandb_options``), or None for no W&B run."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
@@ -85,6 +113,8 @@ class MetricsLogger:
         self.start_step = 0
         self._lines: list[str] = []
         self._tb = None
+        self._wandb_options = wandb
+        self._wandb = None
 
     def start(self, step: int) -> None:
         """Begin logging after ``step``: the log is cut back to it (the rest kept aside)."""
@@ -105,6 +135,10 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter  # takes a string path, local or a URL
             # Events at steps > `step` in earlier event files are hidden by TensorBoard.
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1)
+        if self._wandb_options is not None:
+            wandb = require("wandb", "wandb", "config.log.wandb=True")
+            config = {**self._wandb_options["config"], "ftjax_run": self.run}
+            self._wandb = wandb.init(**{**self._wandb_options, "config": config})
 
     def _write(self) -> None:
         # The whole log is rewritten (atomically) on every row rather than appended to: object
@@ -118,10 +152,11 @@ class MetricsLogger:
         self._lines.append(json.dumps({**row, "run": self.run}))
         self._write()
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in _scalars(row).items():
+                self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(_scalars(row), step=step)
         progress = ""
         if self.start_time is not None and prefix == "train":
             done = step - self.start_step
@@ -138,3 +173,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
