@@ -24,6 +24,10 @@ atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The prepared-data cache (config.data.cache_dir = "" -> $FTJAX_CACHE/data) lives in the session's
+# temporary folder too, never in the user's ~/.cache.
+os.environ["FTJAX_CACHE"] = tempfile.mkdtemp(prefix="ftjax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FTJAX_CACHE"], ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -48,6 +48,28 @@ def test_cache_directory_is_an_epath_and_its_key_is_stable(tmp_path):
     assert [e.ids.tolist() for e in again.examples["train"]] == [e.ids.tolist() for e in prepared.examples["train"]]
 
 
+def test_builds_share_the_cache_until_a_source_file_changes(tmp_path, monkeypatch):
+    from ftjax.data import pipeline
+
+    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path / "home"))
+    path = _csv(tmp_path / "t.csv", _TRAIN, [0, 1, 0, 1, 0])
+    cfg, tok = data_cfg(task="classification", train_path=path), bert_tokenizer()
+    assert prepare.cache_dir(cfg) == str(tmp_path / "home" / "data")
+    calls = []
+    real = prepare.prepare
+    monkeypatch.setattr(prepare, "prepare", lambda *a: calls.append(a) or real(*a))
+    first = pipeline.build(cfg, tok)
+    cfg.cache_dir = str(tmp_path / "home" / "data")  # the default, spelled out: same key
+    assert pipeline.build(cfg, tok).report == first.report and len(calls) == 1
+    _csv(tmp_path / "t.csv", _TRAIN, [1, 1, 0, 1, 0])  # same size, new content
+    assert pipeline.build(cfg, tok).report["splits"]["train"]["labels"] != first.report["splits"]["train"]["labels"]
+    assert len(calls) == 2 and len(list((tmp_path / "home" / "data").iterdir())) == 2
+    cfg.cache_dir = "none"
+    assert prepare.cache_dir(cfg) is None
+    pipeline.build(cfg, tok)
+    assert len(calls) == 3 and len(list((tmp_path / "home" / "data").iterdir())) == 2
+
+
 def test_single_class_train_split_warns_and_strict_raises(tmp_path, caplog):
     path = _csv(tmp_path / "train.csv", _TRAIN, ["pos"] * 5)
     expected = (f"{path}: every train row has the label 'pos' (a single class), so the model can only "

@@ -2,7 +2,8 @@
 
 A split is read from ``train_path`` / ``eval_path`` (local files), from ``hf`` (a Hugging Face
 ``datasets`` hub id or local folder) or from ``tfds`` (a prepared TFDS directory). Everything
-here is hashed into the cache key of ``scripts/prepare_data.py``, so a sweep prepares once.
+here but ``cache_dir`` is hashed into the key of the prepared-data cache (with the source files'
+sizes and modification times), so the arms of a sweep, and reruns, prepare once.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def data_config() -> ml_collections.ConfigDict:
         system_prompt="",  # chat: prepended as a system turn when the data has none
         max_examples=0,  # keep the first N train rows after cleaning (0 = all)
         strict=False,  # warnings of the data report (e.g. a single-class train split) raise DataError
+        # Prepared-data cache shared by runs and sweep arms ("" = $FTJAX_CACHE/data, by default
+        # ~/.cache/ftjax/data; "none" = off; a folder or gs:// URL). Not part of the cache key.
+        cache_dir="",
         clean=clean_config(),
         kshot=ml_collections.ConfigDict(dict(
             k=0,  # k train examples per label, stratified (0 = all)

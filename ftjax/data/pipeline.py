@@ -8,7 +8,6 @@ process builds the same global batch plan and materialises only its own slice of
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterator
 
 import ml_collections
@@ -240,9 +239,11 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, fallback: str = ""):
 
 
 def build(data_cfg: ml_collections.ConfigDict, tokenizer, *, process_index: int = 0, process_count: int = 1,
-          seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Pipeline:
-    """Prepare (or load from ``cache_dir``) every task of ``config.data`` and return the pipeline."""
-    prepared = {name: prepare.prepare_cached(c, tokenizer, cache_dir)[0]
+          seed: int = 0) -> Pipeline:
+    """Prepare (or load from the cache, ``prepare.cache_dir``) every task of ``config.data`` and
+    return the pipeline."""
+    directory = prepare.cache_dir(data_cfg)
+    prepared = {name: prepare.prepare_cached(c, tokenizer, directory)[0]
                 for name, c in task_configs(data_cfg).items()}
     return Pipeline(data_cfg, tokenizer, prepared, process_index=process_index,
                     process_count=process_count, seed=seed)

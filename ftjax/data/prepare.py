@@ -24,7 +24,7 @@ from ftjax import paths
 from ftjax.data import clean, encode, sources
 from ftjax.data.records import DataError, Record
 
-CACHE_VERSION = 2  # 2: the report counts truncation and lists warnings
+CACHE_VERSION = 3  # 2: the report counts truncation and lists warnings; 3: source stamps in the key
 _LABELLED = ("classification", "pair_classification", "text_to_text")
 
 
@@ -197,9 +197,41 @@ def _log_warnings(report: dict) -> None:
 
 # ----------------------------------------------------------------------------- cache
 
+def cache_dir(cfg: ml_collections.ConfigDict) -> str | None:
+    """Where prepared data is cached: ``cfg.cache_dir``, else ``$FTJAX_CACHE/data`` (by default
+    ``~/.cache/ftjax/data``); None for ``cache_dir="none"``."""
+    if cfg.cache_dir == "none":
+        return None
+    if cfg.cache_dir:
+        return cfg.cache_dir
+    root = os.environ.get("FTJAX_CACHE") or os.path.join("~", ".cache", "ftjax")
+    return os.path.join(os.path.expanduser(root), "data")
+
+
+_HASHED_SOURCE_BYTES = 256 << 20  # larger source files are known by size and mtime alone
+
+
+def _source_stamps(cfg: ml_collections.ConfigDict) -> list:
+    """Each local source file's path and content hash (size and mtime above 256 MiB): an
+    edited file gets a new cache key."""
+    stamps = []
+    for path in (cfg.train_path, cfg.eval_path):
+        if not path or paths.is_url(path) or not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        if st.st_size <= _HASHED_SOURCE_BYTES:
+            with open(path, "rb") as f:
+                stamps.append([os.path.abspath(path), hashlib.file_digest(f, "sha256").hexdigest()])
+        else:
+            stamps.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
 def cache_key(cfg: ml_collections.ConfigDict, tokenizer) -> str:
-    """Hash of the data config, the tokenizer and the cache format: equal keys, equal arrays."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    """Hash of the data config (but its ``cache_dir``), the source files' sizes and times, the
+    tokenizer and the cache format: equal keys, equal arrays."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "cache_dir"}
+    h = hashlib.sha256(json.dumps([fields, _source_stamps(cfg)], sort_keys=True, default=str).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # without the truncation/padding state the last call left behind
         state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}

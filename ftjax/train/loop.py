@@ -33,7 +33,7 @@ from ftjax.train import memory, optim, regularizers, resume
 from ftjax.train.checkpoint import Checkpointer, abstract_like
 from ftjax.train.experiment import Experiment, build
 from ftjax.train.flops import peak_flops_per_device, train_flops_per_token
-from ftjax.train.logger import MetricsLogger, read_metrics
+from ftjax.train.logger import MetricsLogger, read_metrics, wandb_options
 from ftjax.train.step import TrainState, make_train_step
 
 
@@ -89,7 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     diff = resume.check(workdir, config)  # a resume that cannot work is refused before the build
     exp = build(config)
     t = config.train
-    log = MetricsLogger(workdir, total_steps=t.steps, tensorboard=config.log.tensorboard, enabled=main)
+    log = MetricsLogger(workdir, total_steps=t.steps, tensorboard=config.log.tensorboard,
+                        wandb=wandb_options(config, workdir), enabled=main)
     log.info(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} devices "
              f"({jax.process_count()} processes); trainable params {exp.num_trainable:,} of "
              f"{exp.num_total:,} ({100 * exp.num_trainable / max(exp.num_total, 1):.2f}%)")
@@ -123,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     start = int(state.step)
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "data_report.json").write_text(json.dumps(exp.pipe.report, indent=1))
         if restored is not None:
             resume.record(workdir, start, log.run, diff or {})
 

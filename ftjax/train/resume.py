@@ -25,7 +25,7 @@ MAY_CHANGE = (
     "train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
     "train.min_lr_ratio", "train.weight_decay", "train.b1", "train.b2", "train.eps",
     "train.grad_clip", "train.grad_accum", "model.remat", "model.dtype", "model.allow_pickle",
-    "eval.", "log.", "checkpoint.", "incontext.", "mesh.", "distributed.",
+    "data.cache_dir", "eval.", "log.", "checkpoint.", "incontext.", "mesh.", "distributed.",
 )
 
 
