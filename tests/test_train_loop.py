@@ -59,7 +59,9 @@ def _wait_for_step(workdir: Path, step: int, proc, timeout: float = 180) -> None
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-COMMON = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False")
+COMMON = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False",
+          "--config.eval.max_batches=1")
+SHARDED = 2  # devices of the kill / SIGTERM runs: sharded (fsdp=2) state, a quarter of 8's step time
 
 
 def test_sharded_2x4_matches_single_device(tmp_path):
@@ -83,14 +85,14 @@ def test_sharded_2x4_matches_single_device(tmp_path):
 def test_kill_and_resume_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     args = (*COMMON, "--config.checkpoint.every_steps=5", "--config.train.steps=10")
-    r = _run_cli(full, *args)
+    r = _run_cli(full, *args, devices=SHARDED)
     assert r.returncode == 0, r.stderr[-3000:]
-    proc = _run_cli(killed, *args, wait=False)
+    proc = _run_cli(killed, *args, wait=False, devices=SHARDED)
     _wait_for_step(killed, 7, proc)
     assert (killed / "checkpoints" / "5").exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = _run_cli(killed, *args)
+    r = _run_cli(killed, *args, devices=SHARDED)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout + r.stderr
 
@@ -106,7 +108,7 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 def test_sigterm_saves_and_resumes(tmp_path):
     proc = _run_cli(tmp_path, *COMMON, "--config.train.steps=400", "--config.checkpoint.every_steps=1000",
-                    wait=False)
+                    wait=False, devices=SHARDED)
     _wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -118,7 +120,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     stopped = ckpt.latest_step()
     ckpt.close()
     assert stopped is not None and stopped >= 3 and stopped == logged
-    r = _run_cli(tmp_path, *COMMON, f"--config.train.steps={stopped + 2}")
+    r = _run_cli(tmp_path, *COMMON, f"--config.train.steps={stopped + 2}", devices=SHARDED)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
     assert max(_losses(tmp_path)) == stopped + 2
