@@ -19,10 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import ml_collections
 from etils import epath
 from flax import nnx
 
+from ftjax import hub
 from ftjax.config import load_run_config
 from ftjax.errors import FtjaxError
 from ftjax.model_card import is_model_card, model_card
@@ -187,11 +189,16 @@ def _write(exp: Any, config: ml_collections.ConfigDict, fmt: str, folder: Path,
 
 
 def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
-               checkpoint: str = "latest", *, gguf_dtype: str = "f32") -> epath.Path:
+               checkpoint: str = "latest", *, gguf_dtype: str = "f32", push_to_hub: str | None = None,
+               hub_endpoint: str | None = None) -> epath.Path:
     """Write checkpoint ``checkpoint`` of the run in ``workdir`` to the folder ``out`` as ``fmt``
-    (a local path or an object-store URL); returns ``out``."""
+    (a local path or an object-store URL); returns ``out``. With ``push_to_hub`` (a Hub repo id)
+    the finished folder is uploaded there (``hub_endpoint``: another Hub than ``HF_ENDPOINT``)
+    before it replaces ``out``, so a failed push leaves ``out`` as it was."""
     from ftjax.train.loop import load_trained
 
+    if push_to_hub:
+        hub.check_push(push_to_hub)
     workdir, out = as_path(workdir), as_path(out)
     config = load_run_config(workdir)
     check_run(config, fmt, workdir, gguf_dtype)
@@ -201,6 +208,8 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
     with _staged(out) as folder:
         _write(exp, config, fmt, folder, gguf_dtype)
         files = sorted(p.name for p in folder.iterdir())
-        (folder / "README.md").write_text(model_card(config, workdir, fmt=fmt, step=step,
-                                                     files=files))
+        model_card(config, workdir, fmt=fmt, step=step, files=files).save(folder / "README.md")
+        if push_to_hub and jax.process_index() == 0:  # one upload, not one per host
+            hub.push_to_hub(folder, push_to_hub, endpoint=hub_endpoint,
+                            message=f"ftjax {fmt} export of {workdir.name}, step {step}")
     return out

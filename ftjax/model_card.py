@@ -1,24 +1,41 @@
 """The README.md (model card) written into every export folder: base model, method, data,
 training config and the run's evaluation metrics (``eval/metrics.json``, ``eval/incontext.json``).
+It is a ``huggingface_hub.ModelCard`` whose metadata the Hub reads: library, base model (a Hub
+id only), tags, data set (a Hub one only) and the metric names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_collections
 from etils import epath
+from huggingface_hub import ModelCard, ModelCardData
 
+from ftjax.models.registry import PRESETS
 from ftjax.paths import as_path
 
 _LIBRARY = {"hf": "transformers", "peft": "peft", "gguf": "gguf"}
-_TAGS = "tags: [ftjax, "  # in every card's front matter: how an earlier export is recognised
+_TAG = "ftjax"  # in every card's tags: how an earlier export is recognised
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def is_model_card(text: str) -> bool:
     """Whether ``text`` is a README.md this module wrote."""
-    return text.startswith("---\n") and _TAGS in text.split("\n---\n", 1)[0]
+    try:
+        tags = ModelCard(text, ignore_metadata_errors=True).data.tags
+    except ValueError:  # front matter that is not YAML
+        return False
+    return _TAG in (tags or [])
+
+
+def _hub_id(source: str) -> str | None:
+    """``source`` when it names a Hub repo (not a local folder, file or ftjax preset)."""
+    if source in PRESETS or os.path.exists(source) or not _HUB_ID.fullmatch(source):
+        return None
+    return source
 
 
 def _read_json(path: epath.Path) -> dict | None:
@@ -78,16 +95,20 @@ def _usage(fmt: str, files: list[str], head: str) -> list[str]:
 
 
 def model_card(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, fmt: str,
-               step: int, files: list[str]) -> str:
-    """Markdown model card for an export of ``workdir`` at checkpoint ``step`` in format ``fmt``."""
+               step: int, files: list[str]) -> ModelCard:
+    """The model card for an export of ``workdir`` at checkpoint ``step`` in format ``fmt``."""
     workdir = as_path(workdir)
     m, d, t = config.model, config.data, config.train
     method = config.method.to_dict()
     metrics = _read_json(workdir / "eval" / "metrics.json")
     incontext = _read_json(workdir / "eval" / "incontext.json")
     labels = list(d.label_names) or list(d.labels)
-    lines = ["---", f"library_name: {_LIBRARY[fmt]}", f"base_model: {m.source}",
-             f"{_TAGS}{method['kind']}, {d.task}]", "---", "",
+    data = ModelCardData(
+        library_name=_LIBRARY[fmt], base_model=_hub_id(m.source), tags=[_TAG, method["kind"], d.task],
+        datasets=[d.hf.name] if _hub_id(d.hf.name or "") else None,
+        metrics=sorted(k for k, v in (metrics or {}).items()
+                       if isinstance(v, (int, float)) and k != "step") or None)
+    lines = ["---", data.to_yaml(), "---", "",
              f"# {workdir.name}", "",
              f"Fine-tuned with ftjax from `{m.source}` ({m.head} head), exported as `{fmt}` "
              f"from checkpoint step {step} of `{workdir}`.", "",
@@ -112,4 +133,4 @@ def model_card(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     lines += ["", "## Files and usage", "", *[f"- `{f}`" for f in files], "", *_usage(fmt, files, m.head), "",
               "## Full config", "", "<details><summary>config.json of the run</summary>", "",
               "```json", config.to_json_best_effort(indent=2), "```", "", "</details>", ""]
-    return "\n".join(lines)
+    return ModelCard("\n".join(lines))

@@ -1,8 +1,10 @@
 """scripts/export.py on a freshly trained tiny run: the HF folder reloads in transformers with
 the same logits, the GGUF file reads back with the gguf package and transformers' GGUF loader,
-and every folder carries a model card with the run's metrics."""
+every folder carries a model card with the run's metrics, and --push_to_hub uploads each export
+byte for byte (to a stand-in of the Hub API on 127.0.0.1)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,21 @@ import torch
 from ftjax.config import load_run_config
 from ftjax.models.assets import smollm2_gguf_path
 from ftjax.models.gguf_io import load_tokenizer
+from tests.hub_standin import StandInHub, folder_files
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def hub():
+    """A stand-in Hub, and the environment an export subprocess pushes to it with (online, a token)."""
+    with StandInHub() as standin:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        yield standin, dict(env, HF_TOKEN="hf_standin")
+
+
+def _push_flags(hub, repo):
+    return [f"--push_to_hub={repo}", f"--hub_endpoint={hub[0].url}"]
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +66,20 @@ def test_config_round_trips(run):
 
 
 @pytest.mark.slow
-def test_export_hf_and_gguf_reload_with_the_same_logits(run, tmp_path):
+def test_export_hf_and_gguf_reload_with_the_same_logits(run, tmp_path, hub, monkeypatch):
+    import huggingface_hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
     _, workdir = run
     from ftjax.export import export_run
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), f"--workdir={workdir}",
-                           "--format=hf", f"--out={tmp_path / 'hf'}"], capture_output=True, text=True, timeout=300)
+                           "--format=hf", f"--out={tmp_path / 'hf'}", *_push_flags(hub, "ftjax-test/tiny-hf")],
+                          capture_output=True, text=True, timeout=300, env=hub[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    export_run(workdir, "gguf", tmp_path / "gguf")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # in-process push
+    monkeypatch.setenv("HF_TOKEN", "hf_standin")
+    export_run(workdir, "gguf", tmp_path / "gguf", push_to_hub="ftjax-test/tiny-gguf", hub_endpoint=hub[0].url)
+    for fmt in ("hf", "gguf"):
+        assert hub[0].repos[f"ftjax-test/tiny-{fmt}"] == folder_files(tmp_path / fmt)
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = np.asarray([tok(t)["input_ids"][:5] for t in ("a gripping , funny film", "dull , far too long !")])
     ours = _ftjax_logits(workdir, ids)
@@ -81,8 +102,11 @@ def test_export_hf_and_gguf_reload_with_the_same_logits(run, tmp_path):
 
     metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
     for fmt in ("hf", "gguf"):
-        card = (tmp_path / fmt / "README.md").read_text()
-        assert "base_model: tiny-llama" in card and "Method: `full`" in card
+        card = huggingface_hub.ModelCard.load(tmp_path / fmt / "README.md")
+        assert card.data.base_model is None  # a preset: randomly initialised, no base model
+        assert card.data.library_name == {"hf": "transformers", "gguf": "gguf"}[fmt]
+        assert "ftjax" in card.data.tags and "Method: `full`" in card.text
+        card = str(card)
         assert f"| loss | {metrics['loss']:.4f} |" in card
         assert "stsa.binary.train" in card
 
@@ -95,7 +119,7 @@ def test_peft_export_of_a_full_run_is_a_clear_error(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path):
+def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path, hub):
     """A LoRA run on a transformers-saved base, exported by scripts/export.py --format=peft, gives
     ftjax's logits when HF peft puts the adapter on that base."""
     import peft
@@ -119,8 +143,10 @@ def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path):
 
     out = tmp_path / "peft"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), f"--workdir={workdir}",
-                           "--format=peft", f"--out={out}"], capture_output=True, text=True, timeout=300)
+                           "--format=peft", f"--out={out}", *_push_flags(hub, "ftjax-test/tiny-lora")],
+                          capture_output=True, text=True, timeout=300, env=hub[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert hub[0].repos["ftjax-test/tiny-lora"] == folder_files(out)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base_dir)
 

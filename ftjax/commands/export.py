@@ -1,7 +1,7 @@
 """Export a trained run with a model card.
 
 ftjax-export --workdir=DIR --format=hf|peft|gguf --out=OUT [--checkpoint=latest|best|STEP]
-    [--gguf_dtype=f32|f16|bf16]
+    [--gguf_dtype=f32|f16|bf16] [--push_to_hub=ORG/NAME [--hub_endpoint=URL]]
 
 hf: merged weights as a transformers folder; peft: the adapter as a PEFT folder; gguf:
 OUT/model-<dtype>.gguf for llama.cpp. The run's config comes from DIR/config.json. OUT may be a
@@ -20,6 +20,10 @@ _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft", "gguf"], "Export form
 _OUT = flags.DEFINE_string("out", None, "Output folder: a local path or a gs:// URL.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | a step number.")
 _GGUF_DTYPE = flags.DEFINE_enum("gguf_dtype", "f32", ["f32", "f16", "bf16"], "GGUF tensor type.")
+_PUSH = flags.DEFINE_string("push_to_hub", None, "Also upload the export to this Hub model repo "
+                            "(ORG/NAME, created if missing; token: HF_TOKEN or `hf auth login`).")
+_HUB_ENDPOINT = flags.DEFINE_string("hub_endpoint", None, "The Hub to push to (default: HF_ENDPOINT, "
+                                    "else https://huggingface.co).")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -28,9 +32,12 @@ def main(argv):
     from ftjax.export import export_run
 
     out = export_run(_WORKDIR.value, _FORMAT.value, _OUT.value, _CHECKPOINT.value,
-                     gguf_dtype=_GGUF_DTYPE.value)
+                     gguf_dtype=_GGUF_DTYPE.value, push_to_hub=_PUSH.value,
+                     hub_endpoint=_HUB_ENDPOINT.value)
     if jax.process_index() == 0:
         print(f"wrote {_FORMAT.value} export to {out}: {sorted(p.name for p in out.iterdir())}")
+        if _PUSH.value:
+            print(f"pushed it to {_PUSH.value}")
 
 
 def run() -> None:
