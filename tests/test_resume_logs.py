@@ -125,6 +125,13 @@ def test_each_step_is_logged_once_with_the_uninterrupted_values(tmp_path_factory
     assert runs[-1] != second_run
     summary = json.loads((workdir / "run_summary.json").read_text())
     assert summary["run"] == runs[-1] and summary["resumed_from_step"] == restored
+    # Totals cover steps 1..STEPS (packed LM rows: batch 16 x seq_len 64 tokens a step), not
+    # only the last process's steps.
+    assert summary["tokens_seen"] == STEPS * 16 * 64
+    assert summary["this_process"]["tokens_seen"] == (STEPS - restored) * 16 * 64
+    assert summary["wall_time_s"] > summary["this_process"]["wall_time_s"] > 0
+    uninterrupted = json.loads((reference_run(tmp_path_factory) / "run_summary.json").read_text())
+    assert summary["train_flops"] == uninterrupted["train_flops"] > 0
 
 
 def test_rows_beyond_the_restored_step_are_kept_aside(killed_twice):

@@ -113,6 +113,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     ckpt = Checkpointer(workdir / "checkpoints", config.checkpoint,
                         best_metric=config.eval.best_metric, best_mode=config.eval.best_mode)
     train_iter = exp.pipe.train_iterator(t.batch_size)
+    # Tokens and training wall time of the processes before this one, up to the restored step.
+    before = {"tokens_seen": 0, "wall_time_s": 0.0}
     restored = ckpt.restore_newest_intact(abstract_like(state))
     if restored is not None:
         for step, problem, moved in restored.damaged:
@@ -120,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                      f"resuming from step {restored.step}, the newest intact checkpoint")
         state = restored.state
         train_iter.set_state(restored.data)
+        before = restored.data.get("totals", before)
         log.info(f"resumed from {workdir / 'checkpoints'} at step {restored.step}")
     start = int(state.step)
     if main:
@@ -175,7 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 best = _better(best, done, eval_metrics, config.eval)
             stop = preempt.should_stop()
             if eval_now or done % config.checkpoint.every_steps == 0 or stop or final:
-                ckpt.save(done, state, train_iter.get_state(),
+                totals = _totals(before, tokens_seen, run_start)
+                ckpt.save(done, state, {**train_iter.get_state(), "totals": totals},
                           metrics=_scalars(eval_metrics) if eval_metrics else None, force=True)
             if stop:
                 log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")
@@ -187,11 +191,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             write_eval(workdir, last_eval, int(state.step))
             log.info(format_table(last_eval))
     if main:
-        summary = dict(
+        totals = _totals(before, tokens_seen, run_start)
+        summary = dict(  # totals over the processes that made the run's steps 1..steps
             run=log.run, steps=int(state.step), resumed_from_step=start,
-            trainable_params=exp.num_trainable, total_params=exp.num_total, tokens_seen=tokens_seen,
-            train_flops=float(tokens_seen * (flops_per_token or 0.0)),
-            wall_time_s=time.time() - run_start, first_step_s=first_step_time,
+            trainable_params=exp.num_trainable, total_params=exp.num_total, **totals,
+            train_flops=float(totals["tokens_seen"] * (flops_per_token or 0.0)),
+            this_process=dict(tokens_seen=tokens_seen, wall_time_s=time.time() - run_start),
+            first_step_s=first_step_time,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             final=_scalars(last_eval), best=best)
         (workdir / "run_summary.json").write_text(json.dumps(summary, indent=2))
@@ -199,6 +205,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     ckpt.close()
     log.close()
     return last_eval
+
+
+def _totals(before: dict, tokens_seen: int, run_start: float) -> dict:
+    """Tokens and wall time of the whole run: the earlier processes' (up to the step this one
+    resumed from, as its checkpoint recorded them) plus this process's."""
+    return {"tokens_seen": int(before["tokens_seen"]) + tokens_seen,
+            "wall_time_s": float(before["wall_time_s"]) + time.time() - run_start}
 
 
 def _better(best: dict, step: int, metrics: dict, eval_cfg: ml_collections.ConfigDict) -> dict:
