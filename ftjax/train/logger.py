@@ -4,8 +4,10 @@
 The log always matches the state the run holds: ``start(step)`` keeps the rows up to ``step``
 (the restored checkpoint, 0 for a fresh start), moves the rows beyond it, written by a run that
 died after its last checkpoint, to ``metrics.jsonl.stale-<run>`` (nothing is deleted), and makes
-TensorBoard supersede its events beyond ``step`` (``purge_step``). Every row carries the ``run``
-id of the process that logged it. ``read_metrics`` is the one reader of the log.
+TensorBoard supersede its events beyond ``step`` (a purge event, as ``purge_step`` writes).
+Every row carries the ``run`` id of the process that logged it. ``read_metrics`` is the one
+reader of the log. Each row is in ``metrics.jsonl`` and the TensorBoard file (local or in the
+bucket) before ``log`` returns, so a kill loses no row logged before the last checkpoint.
 
 Only process 0 writes; other processes get a logger that does nothing. Each training process
 is one W&B run (a resumed run is a new one with the same name and group, starting after its
@@ -92,6 +94,38 @@ def wandb_options(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
                 dir=None if is_url(workdir) else os.fspath(path))
 
 
+class TensorBoardFile:
+    """One TensorBoard event file under ``logdir`` (a folder or a gs:// URL), written in the
+    caller's thread: ``flush()`` returns with every event added so far in the file or uploaded
+    object. (tensorboardX's ``SummaryWriter`` hands events to a thread, so its ``flush`` can miss
+    the newest ones, and a kill loses them.) ``purge_step`` hides the earlier files' events from
+    that step on, as ``SummaryWriter(purge_step=...)`` does."""
+
+    def __init__(self, logdir: str, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import directory_check
+
+        directory_check(logdir)
+        self._event = Event
+        self._writer = EventsWriter(f"{logdir.rstrip('/')}/events")
+        self._writer.write_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
+        self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                       session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        for tag, value in scalars.items():
+            self._writer.write_event(self._event(step=step, wall_time=time.time(), summary=scalar(tag, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of a row, without ``step``: what TensorBoard and W&B plot."""
     return {k: v for k, v in row.items()
@@ -131,10 +165,8 @@ class MetricsLogger:
             write_text_atomic(self.workdir / f"{METRICS}.stale-{self.run}", "\n".join(stale) + "\n")
         self._lines = kept
         self._write()
-        if self.tensorboard:
-            from tensorboardX import SummaryWriter  # takes a string path, local or a URL
-            # Events at steps > `step` in earlier event files are hidden by TensorBoard.
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=step + 1)
+        if self.tensorboard:  # events at steps > `step` in earlier event files are hidden
+            self._tb = TensorBoardFile(os.fspath(self.workdir / "tensorboard"), purge_step=step + 1)
         if self._wandb_options is not None:
             wandb = require("wandb", "wandb", "config.log.wandb=True")
             config = {**self._wandb_options["config"], "ftjax_run": self.run}
@@ -152,8 +184,7 @@ class MetricsLogger:
         self._lines.append(json.dumps({**row, "run": self.run}))
         self._write()
         if self._tb is not None:
-            for k, v in _scalars(row).items():
-                self._tb.add_scalar(k, v, step)
+            self._tb.add_scalars(_scalars(row), step)
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(_scalars(row), step=step)
