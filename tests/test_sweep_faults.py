@@ -73,7 +73,7 @@ def killed(config, tmp_path_factory) -> tuple[Path, int]:
     try:
         wait_for_training(proc, log)
         arms = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "train.py" in " ".join(p.cmdline())]
+                if "ftjax.commands.train" in p.cmdline()]
         assert len(arms) == 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
