@@ -19,17 +19,35 @@ import pytest  # noqa: E402
 # The many train.py / sweep subprocesses the tests start compile the same few tiny programs: one
 # persistent XLA cache for the session lets all but the first skip the compile. It is set after
 # jax is imported here, so in-process tests compile as they always do; subprocesses inherit it.
-_XLA_CACHE = tempfile.mkdtemp(prefix="ftjax-test-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftjax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The prepared-data cache (config.data.cache_dir = "" -> $FTJAX_CACHE/data) lives in the session's
 # temporary folder too, never in the user's ~/.cache.
-os.environ["FTJAX_CACHE"] = tempfile.mkdtemp(prefix="ftjax-test-cache-")
-atexit.register(shutil.rmtree, os.environ["FTJAX_CACHE"], ignore_errors=True)
+# (pytest-xdist workers inherit the controller's folders, as they do the XLA cache's.)
+if "FTJAX_TEST_CACHE" not in os.environ:
+    os.environ["FTJAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="ftjax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FTJAX_TEST_CACHE"], ignore_errors=True)
+os.environ["FTJAX_CACHE"] = os.environ["FTJAX_TEST_CACHE"]
+
+# `make test` runs two pytest-xdist workers: one OpenMP thread each for torch (the PyTorch reference
+# side), so a worker's idle OpenMP team does not spin on the cores the other worker computes on.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The longest files go first, so that under xdist none is left running alone at the end.
+_LONGEST_FIRST = ("test_sweep_ray.py", "test_gguf.py", "test_search.py", "test_train_loop.py",
+                  "test_multiprocess.py", "test_object_store.py", "test_wheel.py", "test_generate.py",
+                  "test_faults_resume.py", "test_peft_methods.py", "test_export.py",
+                  "test_resume_logs.py", "test_sweep_faults.py", "test_incontext.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(scope="session")
