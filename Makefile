@@ -25,11 +25,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 demo: setup
 	$(PY) scripts/sweep.py --config=configs/demo.py --workdir=runs/demo
 
-# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared): most tests
-# wait on subprocesses or compile single-threaded, so two keep both cores busy.
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay shared), in the
+# order of tests/conftest.py (longest first): most tests wait on subprocesses or compile
+# single-threaded, so two keep both cores busy.
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25; rc=$$?; \
+	if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 clean:
 	rm -rf runs
