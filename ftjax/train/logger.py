@@ -173,16 +173,24 @@ class MetricsLogger:
             self._wandb = wandb.init(**{**self._wandb_options, "config": config})
 
     def _write(self) -> None:
-        # The whole log is rewritten (atomically) on every row rather than appended to: object
-        # stores have no append, and a log of a few thousand rows is a few hundred kB.
         write_text_atomic(self.workdir / METRICS, "".join(line + "\n" for line in self._lines))
+
+    def _append(self, line: str) -> None:
+        """A local log gets the row appended (a half-written last line from a kill is set aside
+        by the next ``start``); object stores have no append, so there the whole log is
+        rewritten, atomically, on every row."""
+        self._lines.append(line)
+        if is_url(self.workdir):
+            self._write()
+        else:
+            with (self.workdir / METRICS).open("a") as f:
+                f.write(line + "\n")
 
     def log(self, step: int, metrics: dict[str, Any], *, prefix: str = "train") -> None:
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}/{k}" if prefix else k: v for k, v in metrics.items()}}
-        self._lines.append(json.dumps({**row, "run": self.run}))
-        self._write()
+        self._append(json.dumps({**row, "run": self.run}))
         if self._tb is not None:
             self._tb.add_scalars(_scalars(row), step)
             self._tb.flush()
