@@ -20,10 +20,18 @@ from ftjax.errors import FtjaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Fused sweep arms (ftjax.train.fused) add this axis in front of the three: it shards the leading
+# ``arm`` dimension of the stacked trainable params, optimizer state and per-arm batches.
+ARM_AXIS = "arm"
 
 # logical name -> mesh axes (a tuple shards one dimension over several mesh axes).
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    # A fused run's arm dimension goes on its own mesh axis, never on data/fsdp/tensor: frozen
+    # weights carry no 'arm' and so are replicated over it (one copy per arm group of devices,
+    # sharded over fsdp/tensor inside the group as usual) and batch rows split over data x fsdp
+    # within each arm group.
+    ("arm", (ARM_AXIS,)),
     ("layers", None),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
@@ -69,12 +77,21 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all)."""
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None, *,
+              arms: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all).
+
+    ``arms`` > 1 (a fused run) puts an ``arm`` axis of that size in front; ``sizes`` then
+    describe each arm group's ``len(devices) / arms`` devices.
+    """
     devices = list(devices) if devices is not None else jax.devices()
-    shape = resolve_mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    if arms > 1 and len(devices) % arms:
+        raise MeshError(f"{arms} arm shards do not divide the {len(devices)} devices")
+    shape = resolve_mesh_shape(sizes, len(devices) // arms)
+    names = MESH_AXES
+    if arms > 1:
+        shape, names = (arms, *shape), (ARM_AXIS, *MESH_AXES)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
@@ -90,7 +107,7 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
     for name, dim in zip(logical_axes, shape):
         if name is not None and name not in table:
             raise KeyError(f"logical axis {name!r} has no rule in the sharding table")
-        axes = tuple(a for a in (table.get(name) or ()) if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in (table.get(name) or ()) if a not in used and mesh.shape.get(a, 1) > 1)
         size = math.prod(mesh.shape[a] for a in axes)
         if not axes or dim % size:
             spec.append(None)

@@ -85,15 +85,19 @@ def _pipeline(config: ml_collections.ConfigDict, tokenizer: Any) -> Any:
                           process_count=jax.process_count(), seed=config.train.seed)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Mesh -> checks -> data -> model (born sharded) -> method -> split (-> init_from weights)."""
+def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Experiment:
+    """Mesh -> checks -> data -> model (born sharded) -> method -> split (-> init_from weights).
+
+    ``mesh`` (a fused run's, with an ``arm`` axis) replaces the one ``config.mesh`` describes.
+    """
     if config.model.head not in LOSS_KINDS:
         raise ConfigError(f"config.model.head={config.model.head!r}; choose from {sorted(LOSS_KINDS)}")
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.model.remat={config.model.remat!r}; choose from {sorted(REMAT_POLICIES)}")
-    sizes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
-    devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
-    mesh = sharding.make_mesh(sizes, devices)
+    if mesh is None:
+        sizes = {k: v for k, v in config.mesh.items() if k != "num_devices"}
+        devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
+        mesh = sharding.make_mesh(sizes, devices)
     check_batch(config, mesh)
     # Data first when the tokenizer is known without the model: the label count sizes the head.
     source = tokenizer_source(config)
