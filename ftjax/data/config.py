@@ -42,6 +42,10 @@ def source_config() -> ml_collections.ConfigDict:
         label_field="label",
         messages_field="messages",  # chat: list of {role, content}
         response_field="",  # chat without messages: text_field is the user turn, this the reply
+        # preference: text_field is the prompt ("" = chosen/rejected are whole conversations
+        # sharing it); these hold the two responses (strings or chat message lists)
+        chosen_field="chosen",
+        rejected_field="rejected",
         label_separator="@",  # text_label files: 'TEXT@LABEL'
         conll_tag_column=-1,  # conll: column of the tag (token is column 0)
         hf=ml_collections.ConfigDict(dict(
@@ -54,7 +58,8 @@ def source_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
     c = source_config()
     c.update(dict(
-        # lm | classification | pair_classification | token_classification | text_to_text | chat
+        # lm | classification | pair_classification | token_classification | text_to_text | chat |
+        # preference (pairs for DPO & co; ftjax.data.preference)
         task="lm",
         train_path="",  # local file of the train split
         eval_path="",  # local file of the eval split ("" = no eval, unless hf/tfds names one)

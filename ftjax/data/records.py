@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from ftjax.errors import FtjaxError
 
@@ -25,12 +26,16 @@ class Record:
     tokens: list[str] | None = None  # token_classification: words
     tags: list[str] | None = None  # token_classification: one tag per word
     messages: list[dict] | None = None  # chat: [{"role": ..., "content": ...}]
+    # preference: [chosen, rejected], each a string or a list of chat messages (``text`` or
+    # ``messages`` holds the prompt)
+    responses: list | None = None
 
     def key(self) -> tuple:
         """What makes two rows exact duplicates."""
         return (self.text, self.text_pair, self.label,
                 tuple(self.tokens or ()), tuple(self.tags or ()),
-                tuple((m["role"], m["content"]) for m in self.messages or ()))
+                tuple((m["role"], m["content"]) for m in self.messages or ()),
+                json.dumps(self.responses))
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}

@@ -195,6 +195,8 @@ def _read_parquet(path: str) -> list[tuple[int, dict]]:
 def _fields(cfg) -> list[str]:
     if cfg.task == "chat":
         return [cfg.text_field, cfg.response_field] if cfg.response_field else [cfg.messages_field]
+    if cfg.task == "preference":
+        return [f for f in (cfg.text_field, cfg.chosen_field, cfg.rejected_field) if f]
     fields = [cfg.text_field]
     if cfg.task == "pair_classification":
         fields.append(cfg.text_pair_field)
@@ -220,6 +222,13 @@ def _from_dicts(cfg, rows: Iterable[tuple[Any, dict]], origin: str, label_names=
                                 {"role": "assistant", "content": str(row[cfg.response_field])}]
             else:
                 rec.messages = _messages(where, row[cfg.messages_field])
+        elif cfg.task == "preference":
+            prompt = row[cfg.text_field] if cfg.text_field else ""
+            if isinstance(prompt, list):
+                rec.messages = _messages(where, prompt)
+            else:
+                rec.text = _text(prompt)
+            rec.responses = [_response(where, row[f]) for f in (cfg.chosen_field, cfg.rejected_field)]
         elif cfg.task == "token_classification":
             rec.tokens = [str(t) for t in row[cfg.text_field]]
             rec.text = " ".join(rec.tokens)  # what cleaning judges emptiness and duplicates by
@@ -238,6 +247,11 @@ def _from_dicts(cfg, rows: Iterable[tuple[Any, dict]], origin: str, label_names=
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _response(where: str, value) -> str | list[dict]:
+    """A preference response: text, or a list of chat messages."""
+    return _messages(where, value) if isinstance(value, list) else _text(value)
 
 
 def _messages(where: str, value) -> list[dict]:
