@@ -47,3 +47,31 @@ def test_dropout_masks_follow_the_state_rng():
     no_dropout, no_dropout_eval = _setup(dropout=0.0)
     assert no_dropout(0) == no_dropout(1)  # ... and nothing is random without it
     np.testing.assert_allclose(no_dropout(0), no_dropout_eval(), rtol=1e-5)
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters():
+    """On the 8-device fsdp mesh every Adam moment is laid out as its parameter (an unconstrained
+    ``tx.init`` left them replicated: 8x the optimizer memory an FSDP run plans for), and the bytes
+    device 0 holds equal the memory estimate's optimizer figure."""
+    from ftjax.configs import tiny
+    from ftjax.train import memory, optim
+    from ftjax.train.experiment import build
+    from ftjax.train.loop import init_state
+
+    config = tiny.get_config()
+    config.data.cache_dir = "none"
+    exp = build(config)
+    tx = optim.make_optimizer(config.train, **exp.plan.optimizer_kwargs())
+    state = init_state(exp, tx)
+    params = dict(nnx.to_flat_state(state.params))
+    moments = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        if "mu" in keys or "nu" in keys:
+            param_path = keys[keys.index("mu" if "mu" in keys else "nu") + 1:-1]
+            assert leaf.sharding.is_equivalent_to(params[param_path].get_value().sharding, leaf.ndim), keys
+            moments += 1
+    assert moments == 2 * len(params)
+    on_device0 = sum(s.data.nbytes for x in jax.tree.leaves(state.opt_state)
+                     for s in x.addressable_shards if s.device == jax.devices()[0])
+    assert on_device0 == memory.optimizer_bytes(tx, exp.params, exp.mesh)

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import distributed, sharding
 from ftjax.eval import tasks as eval_tasks
@@ -66,11 +68,23 @@ class _Preemption:
 
 
 def init_state(exp: Experiment, tx) -> TrainState:
-    """A fresh TrainState whose optimizer moments share the parameters' shardings."""
-    state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                         opt_state=tx.init(p),
-                                         rng=jax.random.key(exp.config.train.seed)))(exp.params)
-    return state
+    """A fresh TrainState whose optimizer moments share the parameters' shardings.
+
+    The moments' shardings are given explicitly: ``zeros_like`` carries no sharding, so left to
+    XLA every Adam moment came out replicated on every device (an FSDP run's optimizer state
+    then cost ``devices`` times its share)."""
+    replicated = NamedSharding(exp.mesh, P())
+    params_sharding = jax.tree.map(lambda x: x.sharding, exp.params)
+    opt_sharding = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, exp.params), params_sharding,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    out = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
+                     rng=replicated)
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                        opt_state=tx.init(p),
+                                        rng=jax.random.key(exp.config.train.seed)),
+                   out_shardings=out)(exp.params)
 
 
 def write_eval(workdir: epath.Path, metrics: dict, step: int) -> None:
