@@ -32,7 +32,7 @@ def cache_dims(cfg) -> tuple[int, int, int]:
     return cfg.num_layers, heads, head_dim
 
 
-def _forward(model: nnx.Module, ids: jax.Array, positions: jax.Array, segments: jax.Array,
+def last_logits(model: nnx.Module, ids: jax.Array, positions: jax.Array, segments: jax.Array,
              cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Last-position logits ``[B, V]`` in float32 and the extended cache."""
     h, cache = model.model(ids, positions=positions, segment_ids=segments, cache=cache)
@@ -56,7 +56,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.A
     num_layers, kv_heads, head_dim = cache_dims(model.model.cfg)
     cache = KVCache.zeros(num_layers, b, cache_len, kv_heads, head_dim,
                           dtype=jnp.dtype(model.model.cfg.dtype))
-    logits, cache = _forward(model, ids, positions, mask, cache)
+    logits, cache = last_logits(model, ids, positions, mask, cache)
 
     def emit(step, tok, done, lengths, out):
         """Record ``tok`` for the live rows (finished rows get -1) and update who is done."""
@@ -78,7 +78,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.A
     def body(carry):
         step, tok, pos, done, lengths, out, cache = carry
         feed = jnp.maximum(tok, 0)[:, None]  # finished rows (-1) keep decoding a dummy token
-        logits, cache = _forward(model, feed, pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        logits, cache = last_logits(model, feed, pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
         tok = sample(logits, step, params)
         done, lengths, out = emit(step, tok, done, lengths, out)
         return step + 1, tok, pos + 1, done, lengths, out, cache

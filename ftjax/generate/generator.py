@@ -24,11 +24,13 @@ class Request:
     """One prompt to continue; ``on_text`` receives the text as it becomes final (streaming).
 
     Setting ``cancelled`` ends a streaming row at the next step (e.g. its client went away).
+    ``adapter`` picks one of the adapters a multi-adapter server holds (0: the base model).
     """
     prompt: Sequence[int]
     params: SamplingParams = SamplingParams()
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    adapter: int = 0
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class Generation:
     tokens: list[int]  # generated ids (a final stop token excluded)
     finish_reason: str  # "stop" (stop token or string) | "length"
     prompt_tokens: int
+    ttft_s: float | None = None  # submission to first token, where the decoder measured it
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -60,6 +63,7 @@ class Generator:
                  min_prompt_bucket: int = 16, min_new_bucket: int = 16):
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.model.cfg
         self.max_len = model.model.cfg.max_position_embeddings
         self.vocab_size = model.model.cfg.vocab_size
         self.max_batch, self.min_prompt_bucket, self.min_new_bucket = (
@@ -68,7 +72,7 @@ class Generator:
         self.pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None),
                                         *self.eos_ids) if i is not None), 0)
         self._lock = threading.Lock()  # one batch on the device at a time
-        self._rows: list[_Row] = []  # the batch on the device, for the step callback
+        self._rows: list[Row] = []  # the batch on the device, for the step callback
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -116,9 +120,16 @@ class Generator:
             t = max(longest, cache_len - new)
         return bucket(len(requests), 1), t, cache_len
 
+    def stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """The tokens that end a row: its own ``stop_token_ids``, else the EOS ids."""
+        return self.eos_ids if params.stop_token_ids is None else params.stop_token_ids
+
     def _generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
         for r in requests:
             self.check(r.prompt, r.params)
+            if r.adapter:
+                raise ValueError("per-request adapters need the continuous batcher "
+                                 "(ftjax.serve.continuous)")
         b, t, cache_len = self._shapes(requests)
         ids = np.full((b, t), self.pad_id, np.int32)
         mask = np.zeros((b, t), np.int32)
@@ -127,19 +138,20 @@ class Generator:
         params = [r.params for r in requests] + [SamplingParams()] * (b - len(requests))
         max_new = np.array([p.max_new_tokens for p in params], np.int32)
         max_new[len(requests):] = 0  # filler rows are done before they start
-        stops = [self.eos_ids if p.stop_token_ids is None else p.stop_token_ids for p in params]
+        stops = [self.stop_ids(p) for p in params]
         stop_ids = np.full((b, max(1, max(map(len, stops)))), -1, np.int32)
         for row, s in enumerate(stops):
             stop_ids[row, :len(s)] = s
         host = any(r.params.stop or r.on_text for r in requests)
         with self._lock:
-            self._rows = [_Row(TextStream(self.tokenizer, r.params.stop), r.on_text, set(s),
+            self._rows = [Row(TextStream(self.tokenizer, r.params.stop), r.on_text, set(s),
                                r.cancelled) for r, s in zip(requests, stops)]
             tokens, lengths = jax.device_get(decode(
                 self.graphdef, self.state, ids, mask, max_new, SamplingArrays.stack(params),
                 stop_ids, cache_len=cache_len, on_step=self._on_step if host else None))
             rows, self._rows = self._rows, []
-        return [self._result(row, tokens[i, :lengths[i]].tolist(), len(r.prompt), streamed=host)
+        return [finish(self.tokenizer, row, tokens[i, :lengths[i]].tolist(), len(r.prompt),
+                       streamed=host)
                 for i, (r, row) in enumerate(zip(requests, rows))]
 
     def _on_step(self, step: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -153,25 +165,10 @@ class Generator:
             done[i] = row.stream.stopped or row.cancelled.is_set()
         return done
 
-    def _result(self, row: "_Row", tokens: list[int], prompt_tokens: int,
-                streamed: bool) -> Generation:
-        """The finished row: text cut at a stop string, stop token dropped, finish reason."""
-        by_token = bool(tokens) and tokens[-1] in row.stop_ids
-        if by_token:
-            tokens = tokens[:-1]
-        reason = "stop" if by_token else "length"
-        if not streamed:  # no stop strings, nobody listening: decode once
-            return Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens,
-                              reason, prompt_tokens)
-        if row.stream.stopped:
-            return Generation(row.stream.text, row.stream.ids, "stop", prompt_tokens)
-        row.send(row.stream.finish())
-        return Generation(row.stream.text, tokens, reason, prompt_tokens)
-
 
 @dataclasses.dataclass
-class _Row:
-    """Per-row host state while a batch decodes."""
+class Row:
+    """Per-row host state while a row decodes."""
     stream: TextStream
     sink: Callable[[str], None] | None
     stop_ids: set[int]
@@ -180,3 +177,22 @@ class _Row:
     def send(self, text: str) -> None:
         if text and self.sink is not None:
             self.sink(text)
+
+
+def finish(tokenizer: Any, row: Row, tokens: list[int], prompt_tokens: int,
+           streamed: bool) -> Generation:
+    """The finished row: text cut at a stop string, stop token dropped, finish reason.
+
+    ``streamed``: the row's tokens went through its ``TextStream`` as they came.
+    """
+    by_token = bool(tokens) and tokens[-1] in row.stop_ids
+    if by_token:
+        tokens = tokens[:-1]
+    reason = "stop" if by_token else "length"
+    if not streamed:  # no stop strings, nobody listening: decode once
+        return Generation(tokenizer.decode(tokens, skip_special_tokens=True), tokens, reason,
+                          prompt_tokens)
+    if row.stream.stopped:
+        return Generation(row.stream.text, row.stream.ids, "stop", prompt_tokens)
+    row.send(row.stream.finish())
+    return Generation(row.stream.text, tokens, reason, prompt_tokens)

@@ -57,6 +57,9 @@ class SamplingArrays(NamedTuple):
 def sample(logits: jax.Array, step: jax.Array, params: SamplingArrays) -> jax.Array:
     """Next token ``[B]`` from ``logits [B, V]``; rows with temperature 0 take the argmax.
 
+    ``step`` (a scalar, or ``[B]`` when rows are at different steps) is each row's count of
+    tokens drawn so far: it is folded into the row's seed.
+
     Temperature, then top-k, then top-p on the renormalised top-k distribution (transformers'
     order). The vocabulary sort only runs when some row samples.
     """
@@ -73,7 +76,8 @@ def sample(logits: jax.Array, step: jax.Array, params: SamplingArrays) -> jax.Ar
         probs = jax.nn.softmax(jnp.where(in_k, ranked, -jnp.inf), axis=-1)
         keep = in_k & ((jnp.cumsum(probs, axis=-1) - probs) < params.top_p[:, None])
         keep = keep.at[:, 0].set(True)
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(params.seed)
+        steps = jnp.broadcast_to(step, params.seed.shape)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(params.seed, steps)
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 

@@ -20,23 +20,37 @@ class TextStream:
         self.text = ""  # the final text so far (grows as tokens arrive)
         self.stopped = False  # a stop string was found
         self._emitted = 0
+        self._prefix = self._read = 0  # the decode window: ids[_prefix:_read] is already text
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the newly final text."""
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT):  # wait for the rest of a multi-byte character
+        piece = self._new_text()
+        if not piece:  # a special token, or part of a multi-byte character
             return ""
-        found = [i for i in (text.find(s, max(0, self._emitted - len(s))) for s in self.stop) if i >= 0]
+        self.text += piece
+        found = [i for i in (self.text.find(s, max(0, self._emitted - len(s))) for s in self.stop)
+                 if i >= 0]
         if found:
             self.stopped = True
-            self.text = text[:min(found)]
+            self.text = self.text[:min(found)]
             return self._flush(len(self.text))
-        self.text = text
-        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._flush(len(text) - held)
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
+                   default=0)
+        return self._flush(len(self.text) - held)
+
+    def _new_text(self) -> str:
+        """The text the newest token adds, decoding only a short window of ids (as TGI/vLLM do),
+        so a stream costs time linear in its length. The window starts one step back, so
+        tokenizers that strip a leading space at the start of a decode still get it right."""
+        done = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(text) <= len(done) or text.endswith(REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(done):]
 
     def finish(self) -> str:
         """The rest of the text once generation ended without a stop string (held-back text and

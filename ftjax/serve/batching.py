@@ -1,4 +1,5 @@
-"""A small batching queue: requests that arrive together share one jitted decode call."""
+"""Static batching: requests that arrive together share one jitted decode call, which runs until
+its last row finishes (``ftjax.serve.continuous`` frees each row's slot as soon as it is done)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,24 @@ class BatchQueue:
     def __init__(self, generator: Generator, wait_s: float = 0.005):
         self.generator, self.wait_s = generator, wait_s
         self._queue: queue.Queue[tuple[Request, Future]] = queue.Queue()
+        self._running = 0  # rows of the batch on the device
         threading.Thread(target=self._run, name="batch-queue", daemon=True).start()
 
     def submit(self, request: Request) -> "Future[Generation]":
         future: Future[Generation] = Future()
         self._queue.put((request, future))
         return future
+
+    @property
+    def capacity(self) -> int:
+        return self.generator.max_batch
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the next batch."""
+        return self._queue.qsize()
+
+    def slots_in_use(self) -> int:
+        return self._running
 
     def _next_batch(self) -> list[tuple[Request, Future]]:
         batch = [self._queue.get()]
@@ -39,11 +52,14 @@ class BatchQueue:
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
+            self._running = len(batch)
             try:
                 results = self.generator.generate([request for request, _ in batch])
             except Exception as e:  # noqa: BLE001 - handed to every waiting request
                 for _, future in batch:
                     future.set_exception(e)
                 continue
+            finally:
+                self._running = 0
             for (_, future), result in zip(batch, results):
                 future.set_result(result)

@@ -2,6 +2,8 @@
 
 A source is a training workdir (``config.json`` + ``checkpoints/``: the run is rebuilt and its
 checkpoint restored), a Hugging Face export folder, a ``.gguf`` file, a hub id or a preset.
+A causal LM may carry LoRA-family adapters (training run dirs or PEFT folders), all served over
+its one copy of the base weights (``multi_lora``); each adapter is a model id of its own.
 """
 
 from __future__ import annotations
@@ -9,24 +11,33 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
+from flax import nnx
 
 from ftjax.generate import Generator
 from ftjax.models.loading import from_pretrained, load_tokenizer
+from ftjax.serve import multi_lora
 from ftjax.serve.batching import BatchQueue
 from ftjax.serve.classify import Classifier
+from ftjax.serve.continuous import ContinuousBatcher
 
 SERVABLE_HEADS = ("causal_lm", "sequence_classification")
+BATCHING = ("continuous", "static")
+LORA_FAMILY = ("lora", "dora")  # adapters that can share a float base model
 
 
 @dataclasses.dataclass
 class ServedModel:
-    """One model id of the API; exactly one of ``queue`` (generation) and ``classifier`` is set."""
+    """One model id of the API; exactly one of ``queue`` (generation) and ``classifier`` is set.
+
+    Adapters of one base share its ``queue``; ``adapter`` is the row index they decode with.
+    """
     name: str
-    queue: BatchQueue | None = None
+    queue: BatchQueue | ContinuousBatcher | None = None
     classifier: Classifier | None = None
+    adapter: int = 0
 
     @property
     def generator(self) -> Generator | None:
@@ -72,15 +83,76 @@ def _load(source: str, checkpoint: str, tokenizer: str | None) -> tuple[Any, Any
     return model, tok, head, labels
 
 
+def model_name(source: str) -> str:
+    """The API id of a source: its folder or file name (a ``.gguf`` without the suffix)."""
+    path = Path(source.rstrip("/"))
+    return path.stem if source.endswith(".gguf") else path.name
+
+
 def load_served(source: str, *, checkpoint: str = "latest", tokenizer: str | None = None,
-                max_batch: int = 8) -> ServedModel:
-    """Load ``source`` and wrap it for serving under the id ``Path(source).stem``."""
+                max_batch: int = 8, batching: str = "continuous",
+                adapters: Mapping[str, str] | None = None) -> list[ServedModel]:
+    """Load ``source`` (and its ``adapters``: id -> run dir or PEFT folder) for serving.
+
+    Returns the base model's id, ``model_name(source)``, then one id per adapter. Causal LMs are
+    decoded by a ``ContinuousBatcher`` with ``max_batch`` slots (``batching="static"``: the
+    older ``BatchQueue``, which cannot serve adapters).
+    """
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r}; choose from {BATCHING}")
     model, tok, head, labels = _load(source, checkpoint, tokenizer)
-    name = Path(source.rstrip("/")).stem if source.endswith(".gguf") else Path(source.rstrip("/")).name
+    name, adapters = model_name(source), dict(adapters or {})
+    if adapters and (head != "causal_lm" or batching != "continuous"):
+        raise multi_lora.AdapterError(f"{source}: adapters need a causal LM with continuous batching")
     if head == "causal_lm":
-        return ServedModel(name, queue=BatchQueue(Generator(model, tok, max_batch=max_batch)))
+        rows = attach_adapters(model, tok, adapters, checkpoint) if adapters else {}
+        if name in rows:
+            raise multi_lora.AdapterError(f"adapter id {name!r} is also the base model's id; rename it")
+        gen = Generator(model, tok, max_batch=max_batch)
+        queue = ContinuousBatcher(gen, slots=max_batch) if batching == "continuous" else BatchQueue(gen)
+        return [ServedModel(name, queue=queue)] + [ServedModel(a, queue=queue, adapter=i)
+                                                   for a, i in rows.items()]
     if head == "sequence_classification":
-        return ServedModel(name, classifier=Classifier(
+        return [ServedModel(name, classifier=Classifier(
             model, tok, labels or [str(i) for i in range(model.score.out_features)],
-            max_len=model.model.cfg.max_position_embeddings, max_batch=max_batch))
+            max_len=model.model.cfg.max_position_embeddings, max_batch=max_batch))]
     raise ValueError(f"head {head!r} is not servable (heads: {SERVABLE_HEADS})")
+
+
+def attach_adapters(model: nnx.Module, tokenizer: Any, adapters: Mapping[str, str],
+                    checkpoint: str = "latest") -> dict[str, int]:
+    """Rewrite ``model`` to serve ``adapters`` (id -> run dir or PEFT folder); id -> row index."""
+    weights = {}
+    for name, source in adapters.items():
+        path = Path(source)
+        if is_workdir(path):
+            kind = workdir_config(path).method.kind
+            if kind not in LORA_FAMILY:
+                raise multi_lora.AdapterError(f"adapter {name}: {path} trained method {kind!r}; only "
+                                 f"{LORA_FAMILY} adapters can share the base model")
+            from ftjax.train.loop import load_trained
+            adapted = load_trained(workdir_config(path), path, checkpoint)[0].model
+        elif (path / "adapter_config.json").is_file():
+            from ftjax.peft import import_peft
+            adapted = nnx.clone(model)
+            import_peft(adapted, path, tokenizer)
+        else:
+            raise multi_lora.AdapterError(f"adapter {name}: {source} is neither a training run dir "
+                             "(config.json + checkpoints/) nor a PEFT folder (adapter_config.json)")
+        weights[name] = multi_lora.lora_weights(adapted, name)
+        del adapted
+    return multi_lora.attach(model, weights)
+
+
+def sweep_adapters(sweep_dir: str) -> dict[str, str]:
+    """Every finished LoRA-family arm of a sweep (``SWEEP_DIR/arms/NAME``): arm name -> run dir."""
+    from ftjax.experiments.sweep import arm_status
+    arms = Path(sweep_dir) / "arms"
+    if not arms.is_dir():
+        raise multi_lora.AdapterError(f"--sweep={sweep_dir}: no arms/ folder (is it a sweep's workdir?)")
+    found = {arm.name: str(arm) for arm in sorted(arms.iterdir())
+             if is_workdir(arm) and arm_status(arm) == "done"
+             and workdir_config(arm).method.kind in LORA_FAMILY}
+    if not found:
+        raise multi_lora.AdapterError(f"--sweep={sweep_dir}: no finished arm trained {LORA_FAMILY}")
+    return found

@@ -1,11 +1,14 @@
 """An OpenAI-compatible HTTP server on the standard library (``ThreadingHTTPServer``).
 
-Each connection runs on its own thread; generation requests meet in the model's ``BatchQueue``,
-so concurrent requests share one jitted decode call. Streaming responses are server-sent events
+Each connection runs on its own thread; generation requests meet in the model's batcher
+(continuous: ``ContinuousBatcher``, or static: ``BatchQueue``), so concurrent requests share
+jitted decode steps. Streaming responses are server-sent events
 fed by the decode loop's host callback. Every failure is an OpenAI-style JSON error (the stdlib's
 own rejections included), and the server keeps serving. A deep listen backlog takes bursts of
 connections instead of resetting them, and a per-connection socket timeout turns a client that
 stops sending (a body shorter than its Content-Length) into a 400 instead of a hung thread.
+Every answered request is counted in ``GET /metrics`` (Prometheus) and logged as one JSON line
+(logger ``ftjax.serve.requests``); ``GET /health`` reports the models and their decode slots.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import Any, Callable, Sequence
 from ftjax.generate import Generation, Request
 from ftjax.serve import api
 from ftjax.serve.api import APIError
+from ftjax.serve.metrics import CONTENT_TYPE, Metrics
 from ftjax.serve.models import ServedModel
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 READ_TIMEOUT_S = 5.0  # a client silent this long mid-request gets a 400 (or is dropped)
 LISTEN_BACKLOG = 1024  # pending connections the kernel holds (capped by net.core.somaxconn)
-ROUTES = {"/v1/models": "GET", "/health": "GET", "/v1/completions": "POST",
+ROUTES = {"/v1/models": "GET", "/health": "GET", "/metrics": "GET", "/v1/completions": "POST",
           "/v1/chat/completions": "POST", "/v1/classify": "POST"}
 _DONE = object()  # end of a stream
+CLIENT_GONE = 499  # the status logged for a client that went away (nginx's convention)
 
 
 class App:
@@ -42,6 +47,11 @@ class App:
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
+        self.metrics = Metrics()
+        for m in models:
+            if m.queue is not None and m.adapter == 0:  # one batcher per base model
+                self.metrics.watch(m.name, m.queue.queue_depth, m.queue.slots_in_use,
+                                   m.queue.capacity)
 
     def model(self, body: dict, kind: str) -> ServedModel:
         """The requested model, which must be able to do ``kind`` ("generate" or "classify")."""
@@ -55,6 +65,14 @@ class App:
                                 f"{'classifier' if served.classifier else 'causal LM'})",
                            param="model", code="unsupported_model")
         return served
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": {
+            name: {"task": "classification" if m.classifier else "generation",
+                   **({} if m.queue is None else {
+                       "slots_in_use": m.queue.slots_in_use(), "slots": m.queue.capacity,
+                       "queue_depth": m.queue.queue_depth()})}
+            for name, m in self.models.items()}}
 
     def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [
@@ -93,7 +111,7 @@ class App:
             prompts, default = self._prompts(gen, body), self.default_max_tokens
         params = api.sampling_params(body, default_max_tokens=default,
                                      max_tokens_key="max_completion_tokens")
-        requests = [Request(p, params) for p in prompts]
+        requests = [Request(p, params, adapter=served.adapter) for p in prompts]
         for r in requests:
             try:
                 gen.check(r.prompt, params)
@@ -140,9 +158,15 @@ class Handler(BaseHTTPRequestHandler):
     # -- responses -------------------------------------------------------------------------------
 
     def _send_json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
+        if status >= 400:
+            self._record["error"] = body["error"]["code"] or body["error"]["type"]
+        self._send(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self._record["status"] = status
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -156,8 +180,10 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own rejections (bad request line, unknown method, huge headers) as JSON."""
         self.close_connection = True
+        self._begin()
         self._send_error(APIError(code, message or explain or HTTPStatus(code).phrase,
                                   type="server_error" if code >= 500 else "invalid_request_error"))
+        self._end()
 
     def _event(self, payload: Any) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)
@@ -232,6 +258,7 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_HEAD = _other
 
     def _guard(self, handle: Callable[[], None]) -> None:
+        self._begin()
         try:
             self._authorize()
             handle()
@@ -240,14 +267,32 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             log.info("client went away or stopped reading")
             self.close_connection = True
+            self._record.update(status=CLIENT_GONE, error="client_gone")
         except Exception as e:  # noqa: BLE001 - a server error must not kill the server
             log.exception("internal error")
             self._send_error(APIError(500, f"internal error: {type(e).__name__}: {e}",
                                       type="server_error"))
+        finally:
+            self._end()
+
+    def _begin(self) -> None:
+        """Start this request's log record (the path only if it is a route: bounded labels)."""
+        path = (self.path or "").split("?", 1)[0]
+        self._record = {"event": "request", "method": self.command,
+                        "path": path if path in ROUTES else "other", "status": None,
+                        "model": None, "_start": time.perf_counter()}
+
+    def _end(self) -> None:
+        record = self._record
+        record["latency_s"] = round(time.perf_counter() - record.pop("_start"), 6)
+        if record["status"] is not None:
+            self.app.metrics.observe(record)
 
     def _get(self) -> None:
         path = self._route()
-        self._send_json(200, self.app.list_models() if path == "/v1/models" else {"status": "ok"})
+        if path == "/metrics":
+            return self._send(200, self.app.metrics.exposition(), CONTENT_TYPE)
+        self._send_json(200, self.app.list_models() if path == "/v1/models" else self.app.health())
 
     def _post(self) -> None:
         path = self._route()
@@ -256,11 +301,19 @@ class Handler(BaseHTTPRequestHandler):
         served, requests, stream = self.app.prepare(path, self._body())
         chat = path == "/v1/chat/completions"
         rid = api.new_id("chatcmpl" if chat else "cmpl")
+        self._record.update(model=served.name, id=rid, stream=stream)
         if stream:
             return self._stream(served, requests[0], rid, chat)
         gens = [f.result() for f in [served.queue.submit(r) for r in requests]]
+        self._count(gens)
         self._send_json(200, api.chat_body(rid, served.name, gens[0]) if chat
                         else api.completion_body(rid, served.name, gens))
+
+    def _count(self, gens: list[Generation]) -> None:
+        self._record.update(prompt_tokens=sum(g.prompt_tokens for g in gens),
+                            completion_tokens=sum(len(g.tokens) for g in gens),
+                            ttft_s=min((g.ttft_s for g in gens if g.ttft_s is not None),
+                                       default=None))
 
     def _stream(self, served: ServedModel, request: Request, rid: str, chat: bool) -> None:
         """Server-sent events: one chunk per piece of final text, then the finish reason."""
@@ -268,6 +321,7 @@ class Handler(BaseHTTPRequestHandler):
         request.on_text = pieces.put
         future = served.queue.submit(request)
         future.add_done_callback(lambda _: pieces.put(_DONE))
+        self._record["status"] = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -285,10 +339,12 @@ class Handler(BaseHTTPRequestHandler):
             raise
         if future.exception() is not None:  # headers are sent: report in-band
             log.error("generation failed", exc_info=future.exception())
+            self._record.update(status=500, error="generation_failed")
             self._event(APIError(500, f"generation failed: {future.exception()}",
                                  type="server_error").body())
             return
         gen: Generation = future.result()
+        self._count([gen])
         self._event(chunk({} if chat else "", gen.finish_reason))
         self._event("[DONE]")
 
