@@ -121,9 +121,12 @@ class Evaluator:
         self.entities = kind == "token" and entities_lib.is_entity_scheme(self.label_names or [])
         byte_lengths = (token_byte_lengths(tokenizer)
                         if kind == "lm" and not choices and tokenizer is not None else None)
+        # The accumulators stay replicated in and out, so the second batch reuses the first
+        # batch's program (an unplaced accumulator came back with another sharding: two compiles).
+        self._replicated = NamedSharding(mesh, P())
         self._step = jax.jit(make_eval_step(graphdef, mesh, kind, num_labels, choices=choices,
                                             byte_lengths=byte_lengths, gather_tags=self.entities),
-                             donate_argnums=(3,))
+                             out_shardings=self._replicated, donate_argnums=(3,))
         self._score = jax.jit(
             lambda params, frozen, batch: choice_log_likelihoods(nnx.merge(graphdef, params, frozen), batch))
 
@@ -148,8 +151,9 @@ class Evaluator:
         if option_bias is not None:
             if not self.choices:
                 raise ValueError("option_bias calibrates verbaliser scores: it needs choices=True")
-            bias = jnp.asarray(option_bias, jnp.float32)
+            bias = jax.device_put(jnp.asarray(option_bias, jnp.float32), self._replicated)
             acc["calibrated"] = jnp.zeros_like(acc["confusion"])
+        acc = jax.device_put(acc, self._replicated)
         gathered = []
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
