@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 from flax import nnx
 
@@ -29,7 +30,7 @@ from ftjax.config import load_run_config
 from ftjax.errors import FtjaxError
 from ftjax.model_card import is_model_card, model_card
 from ftjax.models import registry
-from ftjax.models.gguf_io import ARCH_OF_MODEL_TYPE, EXPORT_DTYPES
+from ftjax.models.gguf_io import ARCH_OF_MODEL_TYPE, EXPORT_DTYPES, write_gguf
 from ftjax.paths import as_path, is_url
 from ftjax.peft.peft_format import EXPORTABLE as PEFT_METHODS
 
@@ -168,7 +169,7 @@ def merged_model(model: nnx.Module, method_kind: str) -> nnx.Module:
 
 
 def _write(exp: Any, config: ml_collections.ConfigDict, fmt: str, folder: Path,
-           gguf_dtype: str) -> None:
+           gguf_dtype: str, gguf_pre: str) -> None:
     kind, head = config.method.kind, config.model.head
     if fmt == "hf":
         from ftjax.models.saving import save_pretrained
@@ -179,20 +180,47 @@ def _write(exp: Any, config: ml_collections.ConfigDict, fmt: str, folder: Path,
         from ftjax.peft import export_peft
         export_peft(exp.model, config.method, folder, base_model_name_or_path=config.model.source)
     else:
-        from ftjax.models.gguf_io import save_gguf
         try:
             save_gguf(merged_model(exp.model, kind), exp.tokenizer,
-                      folder / f"model-{gguf_dtype}.gguf", gguf_dtype)
+                      folder / f"model-{gguf_dtype}.gguf", gguf_dtype,
+                      source_gguf=source_gguf(config), pre_tokenizer=gguf_pre or None)
         except NotImplementedError as e:  # a feature llama.cpp would silently drop
             raise ExportError(f"--format=gguf cannot export {config.model.source!r}: {e}; "
                               f"use --format=hf") from e
 
 
+def source_gguf(config: ml_collections.ConfigDict) -> Path | None:
+    """The GGUF file the run's tokenizer came from (its metadata is copied), if any."""
+    if config.data.tokenizer_file:
+        return Path(config.data.tokenizer) / config.data.tokenizer_file
+    if not config.data.tokenizer and str(config.model.source).endswith(".gguf"):
+        return Path(config.model.source)
+    return None
+
+
+def gguf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """The causal LM's tensors under transformers names, float32 on the host, one at a time."""
+    from ftjax.models.saving import iter_hf_tensors, to_host
+    for name, spec, value, layer in iter_hf_tensors(model, GGUF_HEAD):
+        yield name, to_host(spec, value, layer, "float32")
+
+
+def save_gguf(model: nnx.Module, tokenizer: Any, path: str | os.PathLike, dtype: str = "f32", *,
+              source_gguf: str | os.PathLike | None = None,
+              pre_tokenizer: str | None = None) -> Path:
+    """Write a causal LM as a llama.cpp GGUF file (``ftjax.models.gguf_io.write_gguf``)."""
+    cfg = model.model.cfg
+    hf_config = registry.family_for_config(cfg).to_hf_config(cfg)
+    return write_gguf(path, hf_config, gguf_tensors(model), tokenizer, dtype=dtype,
+                      source_gguf=source_gguf, pre_tokenizer=pre_tokenizer)
+
+
 def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
-               checkpoint: str = "latest", *, gguf_dtype: str = "f32", push_to_hub: str | None = None,
-               hub_endpoint: str | None = None) -> epath.Path:
+               checkpoint: str = "latest", *, gguf_dtype: str = "f32", gguf_pre: str = "",
+               push_to_hub: str | None = None, hub_endpoint: str | None = None) -> epath.Path:
     """Write checkpoint ``checkpoint`` of the run in ``workdir`` to the folder ``out`` as ``fmt``
-    (a local path or an object-store URL); returns ``out``. With ``push_to_hub`` (a Hub repo id)
+    (a local path or an object-store URL); returns ``out``. ``gguf_pre`` names llama.cpp's
+    pre-tokenizer for a tokenizer its table does not know. With ``push_to_hub`` (a Hub repo id)
     the finished folder is uploaded there (``hub_endpoint``: another Hub than ``HF_ENDPOINT``)
     before it replaces ``out``, so a failed push leaves ``out`` as it was."""
     from ftjax.train.loop import load_trained
@@ -206,7 +234,7 @@ def export_run(workdir: str | os.PathLike, fmt: str, out: str | os.PathLike,
     exp, step = load_trained(config, workdir, checkpoint)
     check_model(exp.model, fmt, workdir)
     with _staged(out) as folder:
-        _write(exp, config, fmt, folder, gguf_dtype)
+        _write(exp, config, fmt, folder, gguf_dtype, gguf_pre)
         files = sorted(p.name for p in folder.iterdir())
         model_card(config, workdir, fmt=fmt, step=step, files=files).save(folder / "README.md")
         if push_to_hub and jax.process_index() == 0:  # one upload, not one per host
