@@ -17,6 +17,7 @@ from ftjax.data.config import data_config
 from ftjax.errors import FtjaxError
 from ftjax.paths import as_path
 from ftjax.peft.config import method_config
+from ftjax.preference.config import preference_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         source="tiny-llama",  # preset name, HF folder, hub id or .gguf file
-        head="causal_lm",  # causal_lm | sequence_classification | token_classification
+        head="causal_lm",  # causal_lm | sequence_classification | token_classification | reward
         num_labels=0,  # 0 = taken from the data's label set
         dtype="float32",  # compute dtype
         param_dtype="float32",
@@ -36,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.method = method_config()
     c.data = data_config()
+    c.preference = preference_config()  # data.task=preference: scripts/preference.py
     # Against forgetting: loss += strength / 2 * sum(F * (theta - theta_start) ** 2) over the
     # trainable params; F = 1 for l2sp, the diagonal empirical Fisher for ewc.
     c.regularizer = ml_collections.ConfigDict(dict(

@@ -25,6 +25,7 @@ from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
 
 from ftjax.preference import losses  # noqa: E402
+from ftjax.preference.config import preference_config  # noqa: E402
 
 N, T = 6, 9
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -57,7 +58,7 @@ def _sequences(d, **extra) -> losses.Sequences:
 
 
 def _config(**kw):
-    c = losses.preference_config()
+    c = preference_config()
     c.update(kw)
     return c
 

@@ -25,6 +25,7 @@ from ftjax import peft
 from ftjax.config import base_config
 from ftjax.models.loading import from_pretrained
 from ftjax.preference import losses, reference
+from ftjax.preference.config import preference_config
 from ftjax.preference import step as pstep
 from ftjax.train import optim
 from ftjax.train.step import TrainState
@@ -91,7 +92,7 @@ def torch_response_logps(model, batch) -> tuple[np.ndarray, np.ndarray, float, f
 
 
 def _pcfg(**kw) -> ml_collections.ConfigDict:
-    c = losses.preference_config()
+    c = preference_config()
     c.update(kw)
     return c
 

@@ -26,7 +26,6 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from ftjax.errors import FtjaxError
 
@@ -46,23 +45,6 @@ class Sequences:
     nll: jax.Array | None = None  # simpo / orpo: the chosen responses' mean token NLL (scalar)
     kl_logratio: jax.Array | None = None  # kto: log pi - log pi_ref of mismatched pairs [M]
     desirable: jax.Array | None = None  # kto: [N, 2] bool, True for a desirable example
-
-
-def preference_config() -> ml_collections.ConfigDict:
-    """The ``config.preference`` section (used when ``data.task = "preference"``)."""
-    return ml_collections.ConfigDict(dict(
-        loss="dpo",  # dpo | robust | ipo | simpo | orpo | kto
-        beta=0.1,  # strength of the KL pull (dpo/ipo/kto), temperature (simpo), OR weight (orpo)
-        label_smoothing=0.0,  # dpo: conservative DPO; robust: flip rate in [0, 0.5); simpo too
-        simpo_gamma=0.5,  # simpo: target reward margin gamma (TRL's simpo_gamma)
-        sft_weight=0.0,  # simpo: weight of the chosen-response NLL (TRL's cpo_alpha)
-        desirable_weight=1.0,  # kto
-        undesirable_weight=1.0,  # kto
-        # Reference policy: auto (adapter methods: the backbone with adapters switched off; full
-        # fine-tuning: copy) | adapter_off | copy (a frozen copy of the starting weights) |
-        # precomputed (reference log-probs computed once per example, cached beside the data).
-        reference="auto",
-    ))
 
 
 def _avg(s: Sequences) -> jax.Array:
@@ -134,7 +116,7 @@ LOSSES: dict[str, Callable[[Sequences, Any], tuple[jax.Array, jax.Array]]] = dic
     dpo=dpo, robust=robust, ipo=ipo, simpo=simpo, orpo=orpo, kto=kto)
 
 
-def check(c: ml_collections.ConfigDict) -> None:
+def check(c: Any) -> None:
     """One clear error for a ``config.preference`` that cannot work."""
     if c.loss not in LOSSES:
         raise PreferenceConfigError(f"config.preference.loss={c.loss!r}; choose one of {sorted(LOSSES)}")
