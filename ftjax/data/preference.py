@@ -188,8 +188,10 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer: Any) -> tuple[dict[str, P
 
 
 def batch_arrays(pairs: Pairs, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The step's inputs for the pairs ``idx``: ``input_ids [B, 2, L]``, ``prompt_len``, ``length``."""
-    return dict(input_ids=pairs.input_ids[idx], prompt_len=pairs.prompt_len[idx], length=pairs.length[idx])
+    """The step's inputs for the pairs ``idx``: ``input_ids [B, 2, L]``, ``prompt_len``, ``length``
+    (and ``index``, the pairs' row numbers, for per-pair cached values)."""
+    return dict(input_ids=pairs.input_ids[idx], prompt_len=pairs.prompt_len[idx], length=pairs.length[idx],
+                index=np.asarray(idx))
 
 
 def train_batches(pairs: Pairs, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:

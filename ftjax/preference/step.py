@@ -79,12 +79,9 @@ def reference_logps(graphdef: nnx.GraphDef, state: Any, batches: Iterable[dict[s
     return np.concatenate([np.asarray(fn(state, b)) for b in batches], axis=0)
 
 
-def make_preference_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pcfg: Any, *,
-                         reference_mode: str, schedule: Callable[[Any], Any] | None = None):
-    """Build ``step(state, frozen, batch, ref_params) -> (state, metrics)`` (not yet jitted).
-
-    ``ref_params`` is the frozen copy for ``reference_mode="copy"`` and ``None`` otherwise.
-    """
+def make_loss_fn(graphdef: nnx.GraphDef, pcfg: Any, reference_mode: str):
+    """``loss_fn(params, frozen, batch, ref_params, rng) -> (loss, metrics)``; ``rng=None`` is
+    evaluation (no dropout). ``ref_params`` is the frozen copy for ``reference_mode="copy"``."""
     losses.check(pcfg)
     if pcfg.loss == "kto" and reference_mode == "precomputed":
         raise losses.PreferenceConfigError(
@@ -105,7 +102,8 @@ def make_preference_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformatio
 
     def loss_fn(params, frozen, batch, ref_params, rng):
         model = nnx.merge(graphdef, params, frozen)
-        layers.set_dropout_key(model, rng)
+        if rng is not None:
+            layers.set_dropout_key(model, rng)
         inputs = flat_inputs(batch)
         tok = token_logps(model, inputs)
         seqs = losses.Sequences(logp=jnp.sum(tok * inputs["response"], 1).reshape(-1, 2),
@@ -123,7 +121,13 @@ def make_preference_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformatio
             seqs = seqs.replace(kl_logratio=jax.lax.stop_gradient(policy_kl - ref_kl).reshape(-1))
         return losses.preference_loss(seqs, pcfg)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_preference_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, pcfg: Any, *,
+                         reference_mode: str, schedule: Callable[[Any], Any] | None = None):
+    """Build ``step(state, frozen, batch, ref_params) -> (state, metrics)`` (not yet jitted)."""
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, pcfg, reference_mode), has_aux=True)
 
     def step(state: TrainState, frozen: Any, batch: dict[str, jax.Array], ref_params: Any = None):
         (_, metrics), grads = grad_fn(state.params, frozen, batch, ref_params, state.rng)
