@@ -66,6 +66,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     is_reward = config.model.head == reward.HEAD
     if not is_reward:
         losses.check(config.preference)
+    if config.train.grad_accum != 1:
+        raise losses.PreferenceConfigError(f"config.train.grad_accum={config.train.grad_accum}: preference "
+                                           f"runs take one batch per step; set grad_accum=1")
     model, tokenizer = _model(config)
     splits, report, quarantine = pdata.prepare(config.data, tokenizer)
     plan = peft.apply_method(model, config.method, tokenizer)
