@@ -170,6 +170,25 @@ def test_text_stream_cuts_stop_strings_and_streams_the_same_text():
     assert free.finish() == "lazy"
 
 
+def test_text_stream_decodes_a_window_per_token_linear_in_length():
+    """Streaming 300 tokens decodes O(1) ids per token (not the whole text every time) and the
+    pieces add up to transformers' decode of all the ids."""
+    tokenizer = tiny_bpe_tokenizer(280)
+    ids = tokenizer("the quick brown fox jumps over the lazy dog " * 40)["input_ids"][:300]
+    decoded = []
+
+    class Counting:
+        def decode(self, part, **kw):
+            decoded.append(len(part))
+            return tokenizer.decode(part, **kw)
+
+    stream = TextStream(Counting())
+    pieces = [stream.push(i) for i in ids]
+    pushed = sum(decoded)  # re-decoding everything each time: ~45,000
+    assert "".join(pieces) + stream.finish() == tokenizer.decode(ids, skip_special_tokens=True)
+    assert pushed < 8 * len(ids), pushed
+
+
 def test_generator_compiles_once_per_bucket_and_streams():
     model = tiny_model("tiny-llama")
     gen = Generator(model, tiny_bpe_tokenizer(128))

@@ -91,18 +91,20 @@ def test_seeds_and_stop_strings_as_the_static_generator(served):
     prompts = [gen.encode(p) for p, _, _ in ROWS[:4]]
     sampled = [SamplingParams(max_new_tokens=10, temperature=1.3, top_k=8, top_p=0.9, seed=s)
                for s in (0, 7, 7, 123)]
-    free = SamplingParams(max_new_tokens=12, stop_token_ids=())  # no EOS: 12 words
-    greedy = gen.generate([Request(prompts[2], free)])[0].text
-    word = f" {greedy.split()[3]}"
+    free = SamplingParams(max_new_tokens=12, stop_token_ids=())  # no EOS
+    greedy = gen.generate([Request(prompts[1], free)])[0].text
+    words = greedy.split()
+    assert len(words) >= 4, greedy
+    word = f" {words[2]}"
     stop = SamplingParams(max_new_tokens=12, stop=(word,), stop_token_ids=())
-    requests = [Request(p, s) for p, s in zip(prompts, sampled)] + [Request(prompts[2], stop)]
+    requests = [Request(p, s) for p, s in zip(prompts, sampled)] + [Request(prompts[1], stop)]
     static = gen.generate(requests)
     ours = [f.result(timeout=300) for f in [engine.submit(r) for r in requests]]
     for a, b in zip(static, ours):
         assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
     assert ours[-1].text == greedy[:greedy.find(word)] and ours[-1].finish_reason == "stop"
     pieces: list[str] = []
-    streamed = engine.submit(Request(prompts[0], sampled[1], on_text=pieces.append)).result(300)
+    streamed = engine.submit(Request(prompts[1], sampled[1], on_text=pieces.append)).result(300)
     assert "".join(pieces) == streamed.text == ours[1].text
 
 

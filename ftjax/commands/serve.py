@@ -28,6 +28,9 @@ _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Decode slots (continuous) or 
 _BATCHING = flags.DEFINE_enum("batching", "continuous", ["continuous", "static"],
                               "continuous: a finished row frees its slot at once; static: a batch "
                               "decodes until its last row is done.")
+_WARMUP = flags.DEFINE_integer("warmup_len", 0, "Continuous batching: compile every shape a "
+                               "request of up to this many tokens (prompt + new) needs before "
+                               "serving, so none compiles under load (0: compile on demand).")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodies get a 413.")
 _READ_TIMEOUT = flags.DEFINE_float("read_timeout_s", 5.0, "A client silent this long mid-request "
                                    "(e.g. a body shorter than its Content-Length) gets a 400.")
@@ -56,7 +59,8 @@ def main(argv):
     adapters = adapter_flags(_ADAPTER.value, _SWEEP.value)
     models = [served for i, m in enumerate(_MODEL.value) for served in load_served(
         m, checkpoint=_CHECKPOINT.value, tokenizer=_TOKENIZER.value, max_batch=_MAX_BATCH.value,
-        batching=_BATCHING.value, adapters=adapters if i == 0 else None)]
+        batching=_BATCHING.value, adapters=adapters if i == 0 else None,
+        warmup_len=_WARMUP.value)]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise cli.FlagError(f"model ids must be distinct, got {names}")

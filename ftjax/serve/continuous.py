@@ -5,7 +5,9 @@ then one jitted ``step`` advances every live slot by a token, and a row that fin
 token or string, ``max_new_tokens``, a client gone) frees its slot at once for the next request,
 instead of waiting for the whole batch. Sampling, seeds, stop strings and results are those of
 ``Generator`` (a row's ``k``-th draw uses ``fold_in(seed, k)`` whatever else is decoding).
-The slot cache grows by shape buckets as rows need it and is released when idle.
+The slot cache grows by shape buckets (slots, length: powers of two) as rows need it; when
+idle its rows are released and its length is kept, so a server settles on a few shapes. With
+``warmup_len`` every shape a request of up to that many tokens needs is compiled up front.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ class _Live:
 class ContinuousBatcher:
     """Serves ``generator``'s model with ``slots`` decode slots; ``submit`` returns a future."""
 
-    def __init__(self, generator: Generator, slots: int = 8, min_length: int = 64):
+    def __init__(self, generator: Generator, slots: int = 8, min_length: int = 64,
+                 warmup_len: int = 0):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
-        self.generator, self.slots, self.min_length = generator, slots, min_length
+        self.generator, self.slots = generator, slots
         self._queue: queue.Queue[tuple[Request, Future, float]] = queue.Queue()
         self._live: dict[int, _Live] = {}
         self._cache: device.Slots | None = None
+        self._length = min_length  # the cache length to start from (grows, never shrinks)
+        if warmup_len:
+            self._warmup(warmup_len)
         threading.Thread(target=self._run, name="continuous-batcher", daemon=True).start()
 
     def submit(self, request: Request) -> "Future[Generation]":
@@ -79,7 +85,7 @@ class ContinuousBatcher:
     def _run(self) -> None:
         while True:
             if not self._live:
-                self._cache = None  # idle: free the cache; the next burst starts small
+                self._cache = None  # idle: free the rows; the next burst starts with one
                 self._admit(*self._queue.get())
             while len(self._live) < self.slots:
                 try:
@@ -119,15 +125,35 @@ class ContinuousBatcher:
     def _fit(self, slots: int, length: int) -> None:
         """Grow the slot cache (by buckets) to hold at least ``slots`` rows of ``length``."""
         gen = self.generator
-        want = (min(bucket(slots, 1), self.slots),
-                min(bucket(length, self.min_length), max(gen.max_len, length)))
+        self._length = max(self._length, min(bucket(length, 1), max(gen.max_len, length)))
+        want = (min(bucket(slots, 1), self.slots), self._length)
         if self._cache is None:
             self._cache = device.empty(gen.cfg, *want)
             return
-        have = self._cache.shape
-        want = (max(want[0], have[0]), max(want[1], have[1]))
-        if want != have:
+        want = (max(want[0], self._cache.shape[0]), want[1])
+        if want != self._cache.shape:
             self._cache = device.resize(self._cache, slots=want[0], length=want[1])
+
+    def _warmup(self, tokens: int) -> None:
+        """Compile every prefill, insert, resize and step a request of up to ``tokens`` (prompt +
+        new tokens) needs, and start the cache at the length they fit in."""
+        gen = self.generator
+        self._length = length = min(bucket(tokens, self._length), gen.max_len)
+        sizes = sorted({min(bucket(n, 1), self.slots) for n in range(1, self.slots + 1)})
+        prompts = [t for t in (gen.min_prompt_bucket << i for i in range(32)) if t < length]
+        params = SamplingArrays.stack([SamplingParams()])
+        for n in sizes:
+            cache = device.empty(gen.cfg, n, length)
+            for t in prompts:
+                ids = np.full((1, t), gen.pad_id, np.int32)
+                _, kv = device.prefill(gen.graphdef, gen.state, ids, np.ones_like(ids),
+                                       np.zeros(1, np.int32), params)
+                cache = device.insert(cache, kv, np.int32(0))
+            zeros = np.zeros(n, np.int32)
+            _, cache = device.step(gen.graphdef, gen.state, cache, zeros, zeros, zeros, zeros,
+                                   zeros, SamplingArrays.stack([SamplingParams()] * n))
+            for bigger in sizes[sizes.index(n) + 1:]:
+                device.resize(cache, slots=bigger, length=length)
 
     def _step(self) -> None:
         """One decode step of every live slot."""

@@ -91,12 +91,14 @@ def model_name(source: str) -> str:
 
 def load_served(source: str, *, checkpoint: str = "latest", tokenizer: str | None = None,
                 max_batch: int = 8, batching: str = "continuous",
-                adapters: Mapping[str, str] | None = None) -> list[ServedModel]:
+                adapters: Mapping[str, str] | None = None, warmup_len: int = 0
+                ) -> list[ServedModel]:
     """Load ``source`` (and its ``adapters``: id -> run dir or PEFT folder) for serving.
 
     Returns the base model's id, ``model_name(source)``, then one id per adapter. Causal LMs are
-    decoded by a ``ContinuousBatcher`` with ``max_batch`` slots (``batching="static"``: the
-    older ``BatchQueue``, which cannot serve adapters).
+    decoded by a ``ContinuousBatcher`` with ``max_batch`` slots, compiled up front for requests
+    of up to ``warmup_len`` tokens (``batching="static"``: the older ``BatchQueue``, which
+    cannot serve adapters).
     """
     if batching not in BATCHING:
         raise ValueError(f"batching={batching!r}; choose from {BATCHING}")
@@ -109,7 +111,8 @@ def load_served(source: str, *, checkpoint: str = "latest", tokenizer: str | Non
         if name in rows:
             raise multi_lora.AdapterError(f"adapter id {name!r} is also the base model's id; rename it")
         gen = Generator(model, tok, max_batch=max_batch)
-        queue = ContinuousBatcher(gen, slots=max_batch) if batching == "continuous" else BatchQueue(gen)
+        queue = (ContinuousBatcher(gen, slots=max_batch, warmup_len=warmup_len)
+                 if batching == "continuous" else BatchQueue(gen))
         return [ServedModel(name, queue=queue)] + [ServedModel(a, queue=queue, adapter=i)
                                                    for a, i in rows.items()]
     if head == "sequence_classification":

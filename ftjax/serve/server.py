@@ -296,12 +296,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         path = self._route()
+        body = self._body()
+        name = body.get("model")
+        self._record["model"] = name if isinstance(name, str) and name in self.app.models else None
         if path == "/v1/classify":
-            return self._send_json(200, self.app.classify(self._body()))
-        served, requests, stream = self.app.prepare(path, self._body())
+            return self._send_json(200, self.app.classify(body))
+        served, requests, stream = self.app.prepare(path, body)
         chat = path == "/v1/chat/completions"
         rid = api.new_id("chatcmpl" if chat else "cmpl")
-        self._record.update(model=served.name, id=rid, stream=stream)
+        self._record.update(id=rid, stream=stream)
         if stream:
             return self._stream(served, requests[0], rid, chat)
         gens = [f.result() for f in [served.queue.submit(r) for r in requests]]
