@@ -66,17 +66,28 @@ def test_lora_dpo_learns_with_the_adapter_off_reference(files, tmp_path):
     from_pretrained(tmp_path / "model")  # the merged model loads back
 
 
-def test_full_ipo_with_cached_reference(files, tmp_path):
-    """Reference log-probs computed once per pair and split, cached beside the prepared data
+def test_full_ipo_from_an_sft_run_with_cached_reference(files, tmp_path):
+    """init_from an SFT run (scripts/train.py's loop): the policy starts from its weights, and the
+    reference log-probs are computed from them once per split, cached beside the prepared data
     (reuse of the cache file: test_preference_step)."""
+    from ftjax.configs import tiny
+    from ftjax.train import loop
+    sft_cfg = tiny.get_config("steps=2")
+    sft_cfg.eval.max_batches = 1
+    sft_cfg.log.tensorboard = False
+    loop.train(sft_cfg, tmp_path / "sft")
+    sft_embed = np.asarray(loop.load_trained(sft_cfg, tmp_path / "sft")[0].model.model.embed_tokens.embedding[...])
     cache = tmp_path / "cache"
-    c = _config(files, preference__loss="ipo", preference__reference="precomputed", data__cache_dir=str(cache))
-    c.train.steps = 2
+    c = _config(files, preference__loss="ipo", preference__reference="precomputed", data__cache_dir=str(cache),
+                model__init_from=str(tmp_path / "sft"))
+    c.train.update(dict(steps=2, learning_rate=0.0))
     train(c, tmp_path / "run")
     shapes = sorted(np.load(f).shape for f in cache.glob("reference-logps-*.npy"))
     assert shapes == [(4, 2), (8, 2)]  # eval and train pairs
-    first = _rows(tmp_path / "run")[0]
-    assert first["train/reward_margin"] == 0.0 and first["train/kl_estimate"] == 0.0  # starts at the reference
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["train/reward_margin"] == 0.0 and rows[0]["train/kl_estimate"] == 0.0  # starts at the reference
+    model, _ = from_pretrained(tmp_path / "run" / "model")
+    np.testing.assert_array_equal(np.asarray(model.model.embed_tokens.embedding[...]), sft_embed)
 
 
 def test_reward_model_trains_on_the_pairs(files, tmp_path):

@@ -28,7 +28,7 @@ from ftjax.models.saving import save_pretrained
 from ftjax.paths import as_path
 from ftjax.preference import losses, reference, reward
 from ftjax.preference import step as pstep
-from ftjax.train import optim
+from ftjax.train import optim, warm_start
 from ftjax.train.logger import MetricsLogger
 from ftjax.train.step import TrainState
 
@@ -73,6 +73,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     splits, report, quarantine = pdata.prepare(config.data, tokenizer)
     plan = peft.apply_method(model, config.method, tokenizer)
     graphdef, params, frozen = nnx.split(plan.model, plan.trainable, ...)
+    if config.model.init_from:  # e.g. the SFT run a DPO run starts from (and takes as reference)
+        params, frozen = warm_start.restore_trained(params, frozen, config.model.init_from)
     t = config.train
     tx = optim.make_optimizer(t, **plan.optimizer_kwargs())
     schedule = optim.schedule_shape(t)
@@ -85,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if mode == "copy":
             ref_params = reference.frozen_copy(params)
         if mode == "precomputed":
-            ref_logps = {s: _reference(config, plan.model, s, p, tokenizer, workdir) for s, p in splits.items()}
+            ref_logps = {s: _reference(config, nnx.merge(graphdef, params, frozen), s, p, tokenizer, workdir) for s, p in splits.items()}
         step = pstep.make_preference_step(graphdef, tx, config.preference, reference_mode=mode, schedule=schedule)
         step_fn = jax.jit(lambda st, f, b, r: step(st, f, b, r), donate_argnums=(0,))
         eval_fn = jax.jit(lambda p, f, b, r: pstep.make_loss_fn(graphdef, config.preference, mode)(
