@@ -32,12 +32,14 @@ from ftjax.model_card import is_model_card, model_card
 from ftjax.models import registry
 from ftjax.models.gguf_io import ARCH_OF_MODEL_TYPE, EXPORT_DTYPES, write_gguf
 from ftjax.paths import as_path, is_url
-from ftjax.peft.peft_format import EXPORTABLE as PEFT_METHODS
+from ftjax.peft import registry as methods
 
 FORMATS = ("hf", "peft", "gguf")
+PEFT_METHODS = tuple(m.name for m in methods.methods() if m.peft is not None)
 # Methods that only choose which existing parameters train: the model needs no merging.
-PLAIN_METHODS = ("full", "head", "partial", "gradual", "llrd", "bitfit")
-UNMERGEABLE = ("houlsby", "pfeiffer", "prefix", "prompt")  # no merged form: extra modules/tokens
+PLAIN_METHODS = tuple(m.name for m in methods.methods() if m.plain)
+# No merged form (extra modules or virtual tokens).
+UNMERGEABLE = tuple(m.name for m in methods.methods() if not (m.plain or m.mergeable))
 GGUF_HEAD = "causal_lm"
 
 

@@ -12,7 +12,7 @@ from data_util import bert_tokenizer, data_cfg, write
 from ftjax.data import pipeline
 from ftjax.data.encode import Example
 from ftjax.data.packing import make_batch, to_rows
-from ftjax.models import llama, registry
+from ftjax.models import llama
 
 
 def _ex(*ids):
@@ -112,7 +112,7 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tmp_path):
     assert packed["segment_ids"].max() > 1  # several documents share a row
     cfg = llama.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_layers=2,
                             num_heads=4, num_kv_heads=2, scan_layers=False)
-    model = registry.build_llama(cfg, "causal_lm", 0, nnx.Rngs(0))
+    model = llama.build(cfg, "causal_lm", 0, nnx.Rngs(0))
 
     def per_token(b):
         logits = model(jnp.asarray(b["input_ids"]), positions=jnp.asarray(b["positions"]),

@@ -177,3 +177,32 @@ def test_base_model_prefix_is_added_or_stripped(tmp_path, saved, head):
     encoder = model if head == "encoder" else model.model
     got = np.asarray(encoder(ids, mask))
     np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("saved,head", [("BertModel", "encoder"), ("BertForMaskedLM", "masked_lm"),
+                                        ("BertForSequenceClassification", "sequence_classification"),
+                                        ("RobertaForSequenceClassification", "sequence_classification")])
+def test_folder_loads_as_its_own_architecture(tmp_path, saved, head):
+    """No ``head=``: the checkpoint's ``architectures`` decide, as transformers' Auto classes do
+    (a classifier with its own label count); outputs match transformers to 1e-5."""
+    kind = "Roberta" if saved.startswith("Roberta") else "Bert"
+    cfg = getattr(transformers, f"{kind}Config")(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, num_labels=3, pad_token_id=1 if kind == "Roberta" else 0,
+        max_position_embeddings=40)
+    torch.manual_seed(0)
+    ref = getattr(transformers, saved)(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    model, _ = from_pretrained(tmp_path, mesh=one_device_mesh())
+    assert type(model).head == head
+    ids = np.array([[2, 5, 7, 9, 4], [3, 8, 6, 1, 1]])
+    mask = (ids != 1).astype(np.int64)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    want = (out.last_hidden_state if head == "encoder" else out.logits).numpy()
+    got = np.asarray(model(ids, mask))
+    if head == "sequence_classification":
+        assert got.shape == (2, 3)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-5)

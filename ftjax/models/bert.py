@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import layers, weights
+from ftjax.models import layers, registry, weights
 from ftjax.models.stack import run_layers, stack_layers
 
 HF_MODEL_TYPES = {"bert": "Bert", "roberta": "Roberta"}  # transformers model_type -> class prefix
@@ -106,21 +106,20 @@ class BertEmbeddings(nnx.Module):
         return self.LayerNorm(h)
 
 
-class BertSelfAttention(nnx.Module):
+class BertSelfAttention(layers.PrefixHook, nnx.Module):
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         self.query = _linear(cfg, d, d, ("embed", "heads"), rngs)
         self.key = _linear(cfg, d, d, ("embed", "heads"), rngs)
         self.value = _linear(cfg, d, d, ("embed", "heads"), rngs)
-        self.prefix = nnx.data(None)  # prefix-tuning hook: () -> (keys, values), see ftjax.peft
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, _ = x.shape
         q, k, v = (p(x).reshape(b, t, self.num_heads, self.head_dim)
                    for p in (self.query, self.key, self.value))
         out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
-                                           prefix=None if self.prefix is None else self.prefix())
+                                           prefix=self.prefix_kv())
         return out.reshape(b, t, -1)
 
 
@@ -225,6 +224,8 @@ class BertModel(nnx.Module):
 class BertEncoderModel(nnx.Module):
     """The ``encoder`` head: HF ``BertModel``/``RobertaModel`` (with pooler) under ``model``."""
 
+    head = "encoder"
+
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.model = BertModel(cfg, pooler=True, rngs=rngs)
 
@@ -254,6 +255,8 @@ class RobertaClassificationHead(nnx.Module):
 class BertForSequenceClassification(nnx.Module):
     """BERT: pooler -> dropout -> ``classifier``; RoBERTa: ``classifier`` head on <s>."""
 
+    head = "sequence_classification"
+
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.model = BertModel(cfg, pooler=not cfg.is_roberta, rngs=rngs)
         if cfg.is_roberta:
@@ -274,6 +277,8 @@ class BertForSequenceClassification(nnx.Module):
 
 class BertForTokenClassification(nnx.Module):
     """backbone -> dropout -> per-token ``classifier``."""
+
+    head = "token_classification"
 
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.model = BertModel(cfg, pooler=False, rngs=rngs)
@@ -304,6 +309,9 @@ class MaskedLMHead(nnx.Module):
 
 class BertForMaskedLM(nnx.Module):
     """backbone -> ``lm_head`` with the decoder tied to the word embeddings."""
+
+    head = "masked_lm"
+    ties_input_embedding = True  # the decoder is the word-embedding table
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.model = BertModel(cfg, pooler=False, rngs=rngs)
@@ -391,3 +399,24 @@ def to_hf_config(cfg: BertConfig) -> dict[str, Any]:
     out.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                position_embedding_type="absolute", tie_word_embeddings=True)
     return out
+
+
+# name -> architecture kwargs (random init); real sizes follow the published configs.
+PRESETS = {
+    "tiny-bert": dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4),
+    "bert-base": dict(),
+    "all-minilm-l6": dict(hidden_size=384, intermediate_size=1536, num_layers=6),
+    "roberta-base": dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                         layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                         eos_token_id=2, model_type="roberta"),
+}
+
+registry.register(registry.Family(
+    "bert", BertConfig, build, model_types=HF_MODEL_TYPES, hf_weight_map=hf_weight_map,
+    from_hf_config=from_hf_config, to_hf_config=to_hf_config, hf_head_suffix=HF_HEAD_SUFFIX,
+    causal=False, token_embedding="embeddings/word_embeddings", embeddings=("embeddings",),
+    lora_targets=r"(self/query|self/value)$", ia3_targets=r"(self/key|self/value|layer/output/dense)$",
+    ia3_feedforward=r"layer/output/dense$",
+    adapter_targets={"houlsby": r"output/dense$", "pfeiffer": r"layer/output/dense$"},
+    presets=PRESETS))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import heads, layers, llama, weights
+from ftjax.models import heads, layers, llama, registry, weights
 from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
@@ -99,7 +99,6 @@ class GemmaAttention(llama.LlamaAttention):
         self.o_proj = layers.Linear(cfg.num_heads * h, d, axes=("heads", "embed"), **proj)
         self.q_norm = _norm(cfg, h, rngs) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, h, rngs) if cfg.qk_norm else None
-        self.prefix = nnx.data(None)  # prefix-tuning hook, as in Llama
 
 
 class GemmaMLP(nnx.Module):
@@ -195,18 +194,8 @@ class GemmaModel(nnx.Module):
 
 def build(cfg: GemmaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
     """Gemma with a ``heads.py`` head (tied, final-softcapped LM head or a ``score`` head)."""
-    dt = _dtypes(cfg)
-    backbone = GemmaModel(cfg, rngs=rngs)
-    common = dict(init_std=cfg.initializer_range, rngs=rngs, **dt)
-    if head == "causal_lm":
-        return heads.CausalLM(backbone, cfg.hidden_size, cfg.vocab_size, tie=True,
-                              final_softcap=cfg.final_logit_softcap, **common)
-    if head == "sequence_classification":
-        return heads.SequenceClassifier(backbone, cfg.hidden_size, num_labels,
-                                        pad_token_id=cfg.pad_token_id, **common)
-    if head == "token_classification":
-        return heads.TokenClassifier(backbone, cfg.hidden_size, num_labels, **common)
-    raise ValueError(f"unknown head {head!r}; choose from {heads.HEADS}")
+    return heads.build(GemmaModel(cfg, rngs=rngs), cfg, head, num_labels, rngs, tie=True,
+                       final_softcap=cfg.final_logit_softcap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,3 +300,28 @@ def to_hf_config(cfg: GemmaConfig) -> dict[str, Any]:
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         d["rope_parameters"] = {FULL: rope, SLIDING: local}
     return d
+
+
+# name -> architecture kwargs (random init); real sizes follow the published configs.
+PRESETS = {
+    "tiny-gemma2": dict(vocab_size=256000, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                        query_pre_attn_scalar=16, attn_logit_softcap=50.0,
+                        final_logit_softcap=30.0, sliding_window=64,
+                        layer_types=layer_pattern(2, 2), model_type="gemma2"),
+    "gemma-2b": dict(),
+    "gemma2-9b": dict(hidden_size=3584, intermediate_size=14336, num_layers=42,
+                      num_heads=16, num_kv_heads=8, query_pre_attn_scalar=256,
+                      attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                      sliding_window=4096, layer_types=layer_pattern(42, 2),
+                      model_type="gemma2"),
+    "gemma3-1b": dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                      num_layers=26, num_heads=4, num_kv_heads=1, rope_theta=1e6,
+                      rope_local_theta=1e4, query_pre_attn_scalar=256,
+                      sliding_window=512, layer_types=layer_pattern(26, 6),
+                      max_position_embeddings=32768, model_type="gemma3_text"),
+}
+
+registry.register(registry.Family(
+    "gemma", GemmaConfig, build, model_types=HF_MODEL_TYPES, hf_weight_map=hf_weight_map,
+    from_hf_config=from_hf_config, to_hf_config=to_hf_config, presets=PRESETS))

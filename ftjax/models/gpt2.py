@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import heads, layers, weights
+from ftjax.models import heads, layers, registry, weights
 from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
@@ -64,7 +64,7 @@ def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
     return layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
 
 
-class GPT2Attention(nnx.Module):
+class GPT2Attention(layers.PrefixHook, nnx.Module):
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
@@ -80,7 +80,8 @@ class GPT2Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v)
             k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5)
+        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
+                                           prefix=self.prefix_kv())
         out = self.c_proj(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
@@ -154,18 +155,8 @@ class GPT2Model(nnx.Module):
 
 def build(cfg: GPT2Config, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
     """GPT-2 with a ``heads.py`` head (tied LM head, last-token ``score``, per-token ``score``)."""
-    dt = _dtypes(cfg)
-    backbone = GPT2Model(cfg, rngs=rngs)
-    common = dict(init_std=cfg.initializer_range, rngs=rngs, **dt)
-    if head == "causal_lm":
-        return heads.CausalLM(backbone, cfg.hidden_size, cfg.vocab_size, tie=cfg.tie_embeddings,
-                              **common)
-    if head == "sequence_classification":
-        return heads.SequenceClassifier(backbone, cfg.hidden_size, num_labels,
-                                        pad_token_id=cfg.pad_token_id, **common)
-    if head == "token_classification":
-        return heads.TokenClassifier(backbone, cfg.hidden_size, num_labels, **common)
-    raise ValueError(f"unknown head {head!r}; choose from {tuple(HF_HEAD_SUFFIX)}")
+    return heads.build(GPT2Model(cfg, rngs=rngs), cfg, head, num_labels, rngs,
+                       tie=cfg.tie_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,3 +207,19 @@ def from_hf_config(hf: dict[str, Any]) -> GPT2Config:
 def to_hf_config(cfg: GPT2Config) -> dict[str, Any]:
     """A transformers ``config.json`` dict (without ``architectures``) for ``cfg``."""
     return {theirs: getattr(cfg, ours) for ours, theirs in _HF_KEYS.items()}
+
+
+# name -> architecture kwargs (random init); real sizes follow the published configs.
+PRESETS = {
+    "tiny-gpt2": dict(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
+                      max_position_embeddings=512),
+    "gpt2": dict(),
+}
+
+registry.register(registry.Family(
+    "gpt2", GPT2Config, build, model_types=HF_MODEL_TYPES, hf_weight_map=hf_weight_map,
+    from_hf_config=from_hf_config, to_hf_config=to_hf_config, hf_head_suffix=HF_HEAD_SUFFIX,
+    token_embedding="wte", embeddings=("wte", "wpe"), lora_targets=r"attn/c_attn$",
+    ia3_targets=r"(attn/c_attn|mlp/c_proj)$", ia3_feedforward=r"mlp/c_proj$",
+    adapter_targets={"houlsby": r"(attn/c_proj|mlp/c_proj)$", "pfeiffer": r"mlp/c_proj$"},
+    presets=PRESETS))

@@ -166,6 +166,16 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, q_positions: j
     return mask[:, None]
 
 
+class PrefixHook:
+    """The prefix-tuning hook of an attention module (see ``ftjax.peft.prompt``): prefix tuning
+    sets ``self.prefix`` to a module returning this layer's extra ``(keys, values)``."""
+
+    prefix = None
+
+    def prefix_kv(self) -> tuple[jax.Array, jax.Array] | None:
+        return None if self.prefix is None else self.prefix()
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
                           scale: float, softcap: float | None = None,
                           prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:

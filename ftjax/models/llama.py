@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import layers, weights
+from ftjax.models import heads, layers, registry, weights
 from ftjax.models.kv_cache import KVCache, LayerKV
 from ftjax.models.stack import run_layers, stack_layers
 
@@ -62,7 +62,7 @@ def _dtypes(cfg: LlamaConfig) -> dict:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-class LlamaAttention(nnx.Module):
+class LlamaAttention(layers.PrefixHook, nnx.Module):
     """Rotary grouped-query attention; Gemma reuses the forward with its own scale and soft-cap."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -83,7 +83,6 @@ class LlamaAttention(nnx.Module):
             self.k_norm = layers.RMSNorm(h, eps=cfg.rms_norm_eps, rngs=rngs, **dt)
         else:
             self.q_norm = self.k_norm = None
-        self.prefix = nnx.data(None)  # prefix-tuning hook: () -> (keys, values), see ftjax.peft
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  inv_freq: jax.Array, cache: LayerKV | None = None
@@ -101,7 +100,7 @@ class LlamaAttention(nnx.Module):
             cache = cache.write(k, v)
             k, v = cache.k, cache.v
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                                           prefix=None if self.prefix is None else self.prefix())
+                                           prefix=self.prefix_kv())
         out = self.o_proj(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
@@ -305,3 +304,43 @@ def to_hf_config(cfg: LlamaConfig) -> dict:
         d.update(use_sliding_window=windowed, sliding_window=cfg.sliding_window,
                  max_window_layers=0 if windowed else cfg.num_layers)
     return d
+
+
+# name -> architecture kwargs (random init); real sizes follow the published configs.
+PRESETS = {
+    "tiny-llama": dict(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                       num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                       tie_embeddings=True, pad_token_id=0),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_layers=30, num_heads=9, num_kv_heads=3, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2),
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                      num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+                      max_position_embeddings=131072,
+                      rope_scaling=(("rope_type", "llama3"), ("factor", 32.0),
+                      ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                      ("original_max_position_embeddings", 8192))),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=8192),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5,
+                       sliding_window=4096, max_position_embeddings=32768,
+                       model_type="mistral"),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, rope_theta=1000000.0,
+                       attention_bias=True, max_position_embeddings=32768,
+                       model_type="qwen2"),
+}
+
+def build(cfg: LlamaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:
+    """A Llama-family backbone with a ``heads.py`` head."""
+    return heads.build(LlamaModel(cfg, rngs=rngs), cfg, head, num_labels, rngs,
+                       tie=cfg.tie_embeddings)
+
+
+registry.register(registry.Family(
+    "llama", LlamaConfig, build, model_types=HF_MODEL_TYPES, hf_weight_map=hf_weight_map,
+    from_hf_config=from_hf_config, to_hf_config=to_hf_config, presets=PRESETS))

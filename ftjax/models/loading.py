@@ -24,10 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 from ftjax import sharding
 from ftjax.errors import FtjaxError, require
 from ftjax.models import registry, weights
+from ftjax.models.weights import SAFETENSORS_INDEX, expand
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Files a hub download fetches: weights as safetensors, configs, tokenizer files. Never code.
 HUB_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*",
@@ -117,13 +117,6 @@ def folder_source(folder: Path, allow_pickle: bool) -> TensorSource:
 # ---------------------------------------------------------------------------------------------
 # Placing tensors on the mesh
 # ---------------------------------------------------------------------------------------------
-
-def expand(spec: weights.WeightSpec, num_layers: int) -> list[str]:
-    """The HF tensor names behind one spec (one per layer when stacked)."""
-    if not spec.stacked:
-        return [spec.hf_name]
-    return [spec.hf_name.replace(weights.LAYER, str(i)) for i in range(num_layers)]
-
 
 def _place(x: np.ndarray, target: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, target, lambda idx: x[idx])
@@ -258,16 +251,27 @@ def _default_mesh() -> Mesh:
     return sharding.make_mesh({"fsdp": -1})
 
 
-def _config(d: dict, head: str, num_labels: int, dtype: str, param_dtype: str,
-            overrides: dict) -> tuple[registry.Family, Any, int]:
+def checkpoint_head(family: registry.Family, d: dict) -> str:
+    """The head a checkpoint was saved with, from its ``architectures`` (as transformers' Auto
+    classes read it); without one, a causal LM or (encoder families) the bare encoder."""
+    for arch in d.get("architectures") or ():
+        head = family.head_for_architecture(arch)
+        if head is not None:
+            return head
+    return "causal_lm" if family.causal else "encoder"
+
+
+def _config(d: dict, head: str | None, num_labels: int, dtype: str, param_dtype: str,
+            overrides: dict) -> tuple[registry.Family, Any, str, int]:
     family = registry.family_for_model_type(d.get("model_type", "<missing>"))
+    head = head or checkpoint_head(family, d)
     cfg = family.from_hf_config(d)
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
     if head not in ("causal_lm", "encoder", "masked_lm") and not num_labels:
         num_labels = len(d.get("id2label") or {})
         if not num_labels:
             raise ValueError(f"head {head!r} needs num_labels (the checkpoint does not say)")
-    return family, cfg, num_labels
+    return family, cfg, head, num_labels
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -284,11 +288,15 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def from_pretrained(source: str | Path, *, head: str = "causal_lm", num_labels: int = 0,
+def from_pretrained(source: str | Path, *, head: str | None = None, num_labels: int = 0,
                     dtype: str = "float32", param_dtype: str = "float32", mesh: Mesh | None = None,
                     allow_pickle: bool = False, seed: int = 0, **overrides: Any
                     ) -> tuple[nnx.Module, Any]:
     """Load ``(model, tokenizer)`` from a HF folder, hub id, ``.gguf`` file or preset name.
+
+    ``head=None`` takes the checkpoint's own architecture (``BertForMaskedLM`` -> ``masked_lm``,
+    ``*ForSequenceClassification`` with its labels, a bare ``BertModel`` -> ``encoder``); a preset
+    or a file without ``architectures`` gets a causal LM, or the encoder for an encoder family.
 
     ``overrides`` replace config fields (e.g. ``scan_layers=False``, ``remat="full"``). Head
     parameters a checkpoint lacks (a classifier on top of a causal LM) are initialised from
@@ -299,7 +307,7 @@ def from_pretrained(source: str | Path, *, head: str = "causal_lm", num_labels: 
     if path.suffix == ".gguf":
         from ftjax.models import gguf_io
         d, tensors = gguf_io.read_gguf(path)
-        family, cfg, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
+        family, cfg, head, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
         model = load_weights(family, cfg, head, num_labels, tensors, mesh, seed=seed,
                              where=str(path))
         return model, gguf_io.load_tokenizer(path)
@@ -307,6 +315,7 @@ def from_pretrained(source: str | Path, *, head: str = "causal_lm", num_labels: 
         if str(source) in registry.PRESETS:
             family, cfg = registry.get_preset(str(source))
             cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
+            head = head or checkpoint_head(family, {})
             return registry.init_sharded(
                 lambda rngs: family.build(cfg, head, num_labels, rngs), mesh, seed), None
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
@@ -317,7 +326,7 @@ def from_pretrained(source: str | Path, *, head: str = "causal_lm", num_labels: 
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
     d = json.loads(config_file.read_text())
-    family, cfg, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
+    family, cfg, head, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
     tensors = folder_source(path, allow_pickle)
     model = load_weights(family, cfg, head, num_labels, tensors, mesh, seed=seed, where=str(path))
     return model, load_tokenizer(path)

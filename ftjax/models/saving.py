@@ -10,51 +10,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
-from ftjax.models import heads, registry, weights
-from ftjax.models.loading import SAFETENSORS_INDEX, expand
+from ftjax.models import registry
+from ftjax.models.registry import head_of
+from ftjax.models.weights import SAFETENSORS_INDEX, iter_hf_tensors, to_host
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, transformers' default
-_HEAD_OF = {heads.CausalLM: "causal_lm", heads.SequenceClassifier: "sequence_classification",
-            heads.TokenClassifier: "token_classification"}
+__all__ = ["head_of", "iter_hf_tensors", "model_config", "save_pretrained", "to_host"]
 
 
 def model_config(model: nnx.Module) -> Any:
     """The architecture config of a headed model (its backbone's ``cfg``)."""
     return model.model.cfg
-
-
-def head_of(model: nnx.Module) -> str:
-    for cls, name in _HEAD_OF.items():
-        if isinstance(model, cls):
-            return name
-    raise ValueError(f"cannot tell the head of {type(model).__name__}; pass head=...")
-
-
-def iter_hf_tensors(model: nnx.Module, head: str) -> Iterator[tuple[str, weights.WeightSpec, Any, int | None]]:
-    """Yield ``(hf_name, spec, device array, layer or None)`` in weight-map order (lazy: no copy)."""
-    cfg = model_config(model)
-    family = registry.family_for_config(cfg)
-    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    for spec in family.hf_weight_map(cfg, head):
-        value = state[spec.path].get_value()
-        if spec.stacked:
-            for i, name in enumerate(expand(spec, value.shape[0])):
-                yield name, spec, value, i
-        else:
-            yield spec.hf_name, spec, value, None
-
-
-def to_host(spec: weights.WeightSpec, value: jax.Array, layer: int | None,
-            dtype: str | None = None) -> np.ndarray:
-    """One HF tensor on the host, in HF layout and ``dtype`` (default: the parameter's own)."""
-    x = np.asarray(jax.device_get(value if layer is None else value[layer]))
-    return np.ascontiguousarray(spec.to_hf(x).astype(dtype or x.dtype, copy=False))
 
 
 def _hf_config(model: nnx.Module, head: str, dtype: str,

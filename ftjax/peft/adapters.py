@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from flax import nnx
 
-from ftjax.models import layers
-from ftjax.peft import surgery
+from ftjax.models import layers, registry as families
+from ftjax.peft import registry, surgery
 from ftjax.peft.linear import WrappedLinear
+from ftjax.peft.plan import Context, MethodPlan, adapter_plan
 
-# Where each variant goes, as regexes over module paths (Llama/Gemma, BERT/RoBERTa, GPT-2 names).
-TARGETS = {
-    "houlsby": r"(self_attn/o_proj|mlp/down_proj|output/dense|attn/c_proj|mlp/c_proj)$",
-    "pfeiffer": r"(mlp/down_proj|layer/output/dense|mlp/c_proj)$",
-}
 
 
 class BottleneckLinear(WrappedLinear):
     """A Linear followed by a residual bottleneck adapter of width ``size``."""
+
+    mergeable = False  # the adapter is non-linear in the layer's output
 
     def __init__(self, base: layers.Linear, *, size: int, activation: str, key: jax.Array):
         super().__init__(base)
@@ -46,3 +46,21 @@ class BottleneckLinear(WrappedLinear):
         p = lambda v: v[...].astype(self.dtype)
         z = self.act(jnp.einsum("...d,dm->...m", h, p(self.adapter_down)) + p(self.adapter_down_bias))
         return h + jnp.einsum("...m,md->...d", z, p(self.adapter_up)) + p(self.adapter_up_bias)
+
+
+def _apply(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> MethodPlan:
+    a = m.adapter
+
+    def make(path, lin):
+        size = a.size or max(1, lin.out_features // a.reduction_factor)
+        return BottleneckLinear(lin, size=size, activation=a.activation, key=next(ctx.keys))
+
+    surgery.wrap_linears(model, layers.Linear, a.targets or families.family_of(model).adapter_targets[m.kind], make, m.kind)
+    return adapter_plan(model, ctx)
+
+
+registry.register(registry.Method(
+    "houlsby", _apply, defaults={"adapter": dict(
+        size=0, reduction_factor=16, activation="relu",  # size 0: D / factor
+        targets="")}))  # "" = the variant's placement (houlsby / pfeiffer)
+registry.register(registry.Method("pfeiffer", _apply))

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.models import registry
 from ftjax.peft import surgery
-
-BOTTOM = ("embed_tokens", "embeddings", "wte", "wpe")  # backbone params below the blocks
 
 
 def is_head(path: tuple) -> bool:
@@ -29,8 +28,14 @@ def is_stacked(var: nnx.Variable) -> bool:
     return surgery.axes_of(var)[:1] == ("layers",)
 
 
-def is_bottom(path: tuple) -> bool:
-    return not is_head(path) and any(str(k) in BOTTOM for k in path)
+def bottom(model: nnx.Module) -> tuple[str, ...]:
+    """The backbone's modules below the blocks (its family's embeddings)."""
+    return registry.family_of(model).embeddings
+
+
+def is_bottom(path: tuple, below: tuple[str, ...]) -> bool:
+    """Whether ``path`` is in the backbone's bottom ``below`` (see :func:`bottom`)."""
+    return not is_head(path) and len(path) > 1 and str(path[1]) in below
 
 
 def params_where(pred: Callable[[tuple, nnx.Variable], bool]) -> Callable[[tuple, Any], bool]:
@@ -80,7 +85,8 @@ def unfrozen_blocks(step: jax.Array, total: int, top: int, every: int) -> jax.Ar
     return jnp.minimum(total, top + step // every)
 
 
-def top_blocks_mask_fn(total: int, top: int, every: int) -> Callable[[Any, jax.Array], Any]:
+def top_blocks_mask_fn(total: int, top: int, every: int, below: tuple[str, ...]
+                       ) -> Callable[[Any, jax.Array], Any]:
     """``mask(tree, step)`` zeroing stacked slices below the unfrozen blocks, and the bottom
     (embeddings) until every block is unfrozen; ``tree`` is a trainable-params-shaped State."""
 
@@ -92,7 +98,7 @@ def top_blocks_mask_fn(total: int, top: int, every: int) -> Callable[[Any, jax.A
             if is_stacked(var):
                 keep = (jnp.arange(total) >= total - n).reshape((total,) + (1,) * (x.ndim - 1))
                 x = jnp.where(keep, x, jnp.zeros_like(x))
-            elif is_bottom(tuple(path)):
+            elif is_bottom(tuple(path), below):
                 x = jnp.where(n >= total, x, jnp.zeros_like(x))
             flat.append((path, var.replace(x)))
         return nnx.from_flat_state(flat)
@@ -100,7 +106,8 @@ def top_blocks_mask_fn(total: int, top: int, every: int) -> Callable[[Any, jax.A
     return mask
 
 
-def partial_filter(train_head: bool, top_blocks: int, patterns: str) -> Callable:
+def partial_filter(train_head: bool, top_blocks: int, patterns: str, below: tuple[str, ...]
+                   ) -> Callable:
     """The head, parameters matching ``patterns`` and, when ``top_blocks > 0``, the stacked blocks
     (masked down to the top ones) and the backbone's top; never the embeddings."""
     extra = regex_filter(patterns)
@@ -108,12 +115,12 @@ def partial_filter(train_head: bool, top_blocks: int, patterns: str) -> Callable
     def pred(path, var):
         if is_head(path):
             return train_head
-        return extra(path, var) or (top_blocks > 0 and not is_bottom(path))
+        return extra(path, var) or (top_blocks > 0 and not is_bottom(path, below))
 
     return params_where(pred)
 
 
-def llrd_scales(params: nnx.State, total: int, decay: float) -> nnx.State:
+def llrd_scales(params: nnx.State, total: int, decay: float, below: tuple[str, ...]) -> nnx.State:
     """Layer-wise LR decay: block ``i`` (0 = bottom) gets ``decay ** (L - i)``, the embeddings
     ``decay ** (L + 1)``, the head and the backbone's top 1."""
     flat = []
@@ -123,6 +130,7 @@ def llrd_scales(params: nnx.State, total: int, decay: float) -> nnx.State:
             scale = decay ** (total - jnp.arange(total, dtype=jnp.float32))
             scale = scale.reshape((total,) + (1,) * (x.ndim - 1))
         else:
-            scale = jnp.asarray(decay ** (total + 1) if is_bottom(tuple(path)) else 1.0, jnp.float32)
+            scale = jnp.asarray(decay ** (total + 1) if is_bottom(tuple(path), below) else 1.0,
+                                jnp.float32)
         flat.append((path, var.replace(scale)))
     return nnx.from_flat_state(flat)

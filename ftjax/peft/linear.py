@@ -18,7 +18,14 @@ from ftjax.peft.quant import QuantizedKernel
 
 
 class WrappedLinear(nnx.Module):
-    """``y = x W + b`` with ``W`` a float ``Param`` or a ``QuantizedKernel``; no adapter by itself."""
+    """``y = x W + b`` with ``W`` a float ``Param`` or a ``QuantizedKernel``; no adapter by itself.
+
+    A subclass whose adapter cannot fold into the kernel sets ``mergeable = False``; one that can
+    implements ``merged_weights``/``unmerged_weights``. For PEFT export it defines
+    ``peft_tensors``/``load_peft_tensors`` (see ``ftjax.peft.registry``).
+    """
+
+    mergeable = True  # the bare wrapper (a quantised base layer) unwraps to its own weights
 
     def __init__(self, base: layers.Linear):
         self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype

@@ -10,14 +10,29 @@ the norm treated as a constant in the backward pass, as in the paper and PEFT.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from flax import nnx
 
-from ftjax.models import layers
-from ftjax.peft import surgery
+from ftjax.models import layers, registry as families
+from ftjax.peft import freezing, registry, surgery
 from ftjax.peft.linear import WrappedLinear
+from ftjax.peft.plan import Context, MethodPlan, adapter_plan
+
+
+
+def targets(model: nnx.Module, pattern: str) -> str:
+    """``config.method.<method>.targets``, or when empty the family's LoRA default."""
+    return pattern or families.family_of(model).lora_targets
+
+
+# Every family's LoRA default in one regex, for methods whose config default is a fixed pattern
+# (an empty pattern with :func:`targets` picks the one family's default instead).
+TARGETS = "|".join(sorted({f"(?:{f.lora_targets})" for f in families.FAMILIES.values()}))
 
 
 def column_norm(w: jax.Array) -> jax.Array:
@@ -32,6 +47,8 @@ class LoRAScale(nnx.Variable):
 
 class LoRALinear(WrappedLinear):
     """A Linear with a low-rank update (optionally DoRA); stacked like the kernel it adapts."""
+
+    mergeable = True
 
     def __init__(self, base: layers.Linear, *, rank: int, alpha: float, rslora: bool = False,
                  dora: bool = False, key: jax.Array):
@@ -55,7 +72,7 @@ class LoRALinear(WrappedLinear):
         if dora:
             norm = surgery.compute_like(kernel, column_norm, kernel.get_value(),
                                         axes=lead_axes + (out_axis,))
-            self.magnitude = nnx.Param(norm.astype(surgery.float_dtype(kernel)),
+            self.magnitude = surgery.AdapterParam(norm.astype(surgery.float_dtype(kernel)),
                                        logical_axes=lead_axes + (out_axis,))
         self.merge_scale = nnx.data(None)  # DoRA: the column scale used by merge(), kept for unmerge()
 
@@ -97,3 +114,59 @@ class LoRALinear(WrappedLinear):
             w = w / self.merge_scale[...][..., None, :]
             self.merge_scale = None
         return w - self.delta(), None if self.bias is None else self.bias[...]
+
+    def peft_tensors(self) -> dict[str, np.ndarray]:
+        """PEFT's ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` (and DoRA's magnitude)."""
+        out = {"lora_A.weight": np.swapaxes(surgery.host(self.lora_a), -1, -2),
+               "lora_B.weight": np.swapaxes(surgery.host(self.lora_b), -1, -2)}
+        if self.magnitude is not None:
+            out["lora_magnitude_vector"] = surgery.host(self.magnitude)
+        return out
+
+    def load_peft_tensors(self, read: Callable[[str, Callable], np.ndarray]) -> None:
+        surgery.assign(self.lora_a, read("lora_A.weight", np.transpose))
+        surgery.assign(self.lora_b, read("lora_B.weight", np.transpose))
+        if self.magnitude is not None:
+            surgery.assign(self.magnitude, read("lora_magnitude_vector", np.asarray))
+
+
+def _apply(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> MethodPlan:
+    lo = m.lora
+    adapted = set(surgery.wrap_linears(
+        model, layers.Linear, targets(model, lo.targets),
+        lambda p, lin: LoRALinear(lin, rank=lo.rank, alpha=lo.alpha, rslora=lo.rslora,
+                                  dora=m.kind == "dora", key=next(ctx.keys)), m.kind))
+    if m.kind == "qlora":  # every stacked kernel is stored quantised, adapted or not
+        for path, lin in surgery.find(model, (layers.Linear, WrappedLinear)):
+            if not freezing.is_stacked(lin.kernel):
+                continue
+            if path not in adapted:
+                lin = WrappedLinear(lin)
+                surgery.replace(model, path, lin)
+            lin.quantize(m.qlora.quant, m.qlora.block_size)
+    return adapter_plan(model, ctx)
+
+
+def _peft_config(model: nnx.Module, m: ml_collections.ConfigDict, found: list,
+                 regex: Callable[[list], str]) -> dict[str, Any]:
+    return dict(r=found[0][1].rank, lora_alpha=float(m.lora.alpha), use_rslora=bool(m.lora.rslora),
+                use_dora=m.kind == "dora", target_modules=regex([p for p, _ in found]),
+                lora_dropout=0.0, bias="none", fan_in_fan_out=False, init_lora_weights=True)
+
+
+def _from_peft(config: dict, select: Callable[[Any], str]) -> dict[str, Any]:
+    return dict(kind="dora" if config.get("use_dora") else "lora",
+                lora=dict(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          rslora=bool(config.get("use_rslora")),
+                          targets=select(config["target_modules"])))
+
+
+PEFT = registry.PeftFormat("LORA", _peft_config, _from_peft)
+registry.register(registry.Method(
+    "lora", _apply, mergeable=True, peft=PEFT,
+    # dora/qlora too; targets: a regex over module paths, "" = the family's default
+    defaults={"lora": dict(rank=8, alpha=16.0, targets="", rslora=False)}))
+registry.register(registry.Method("dora", _apply, mergeable=True, peft=PEFT))
+registry.register(registry.Method(
+    "qlora", _apply, mergeable=True, peft=PEFT,
+    defaults={"qlora": dict(quant="nf4", block_size=64)}))  # nf4 | int8; blocks along the input axis

@@ -9,23 +9,24 @@ call adds ``n`` virtual tokens in front of every row, the way HF ``peft`` does:
 * prefix tuning gives every layer ``n`` learned keys and values that all queries attend to
   (``prefix_embedding [n, L * 2 * K * H]`` in PEFT's layout, optionally produced by a
   reparametrisation MLP from ``[n, D]``); real tokens take positions ``n..``, as after a cache of
-  length ``n`` in transformers. Attention modules expose a ``prefix`` hook for this.
+  length ``n`` in transformers. Attention modules take it through ``layers.PrefixHook``.
 
 Rows are assumed to hold one example each (unpacked data): virtual tokens join the row's segment.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from ftjax.models import layers
-from ftjax.peft import surgery
-
-
-VIRTUAL = ("prompt_embeddings", "prefix_embedding", "prefix_mlp")  # top-level parameters added
+from ftjax.models import layers, registry as families
+from ftjax.peft import freezing, registry, surgery
+from ftjax.peft.plan import Context, MethodPlan, adapter_plan
 
 
 class PrefixKV(nnx.Module):
@@ -43,17 +44,16 @@ class PrefixKV(nnx.Module):
 
 
 def input_embedding(model: nnx.Module) -> layers.Embed:
-    """The token embedding table of a headed model (Llama/Gemma/GPT-2 or BERT naming)."""
-    backbone = model.model
-    if hasattr(backbone, "embeddings"):
-        return backbone.embeddings.word_embeddings
-    return backbone.embed_tokens
+    """The token embedding table of a headed model (where its family says it is)."""
+    module = model.model
+    for name in families.family_of(model).token_embedding.split("/"):
+        module = getattr(module, name)
+    return module
 
 
 def attention_modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
     """Attention modules with a ``prefix`` hook."""
-    return [(tuple(p), m) for p, m in nnx.iter_graph(model)
-            if isinstance(m, nnx.Module) and "prefix" in vars(m)]
+    return [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, layers.PrefixHook)]
 
 
 class VirtualTokens:
@@ -97,6 +97,15 @@ class VirtualTokens:
             x = self.prefix_mlp[1](jnp.tanh(self.prefix_mlp[0](x)))
         return x
 
+    def peft_tensors(self) -> dict[str, np.ndarray]:
+        """PEFT's one tensor, ``prompt_embeddings`` (for prefix tuning: the flat keys/values)."""
+        x = self.prefix_values() if self.prompt_embeddings is None else self.prompt_embeddings
+        return {"prompt_embeddings": surgery.host(x)}
+
+    def load_peft_tensors(self, read: Callable[[str, Callable], np.ndarray]) -> None:
+        target = self.prefix_embedding if self.prompt_embeddings is None else self.prompt_embeddings
+        surgery.assign(target, read("prompt_embeddings", np.asarray), "prompt_embeddings")
+
     def _write_prefix(self) -> None:
         (_, attn), = attention_modules(self)
         num_layers, _, n, k, h = attn.prefix.kv.shape
@@ -137,7 +146,7 @@ def add_prompt(model: nnx.Module, n: int, *, key: jax.Array, init_ids: np.ndarra
     _with_virtual_tokens(model, n)
     axes = (None, surgery.axes_of(table)[-1])
     value = surgery.compute_like(table, lambda t: t[jnp.asarray(ids)], table.get_value(), axes=axes)
-    model.prompt_embeddings = nnx.Param(value, logical_axes=axes)
+    model.prompt_embeddings = surgery.AdapterParam(value, logical_axes=axes)
     return model
 
 
@@ -169,8 +178,73 @@ def add_prefix(model: nnx.Module, n: int, *, key: jax.Array, projection: int = 0
         model.prefix_mlp = nnx.List([
             layers.Linear(d, projection, axes=(None, None), use_bias=True, rngs=rngs),
             layers.Linear(projection, width, axes=(None, None), use_bias=True, rngs=rngs)])
-        surgery.place_like(table, model.prefix_mlp)
+        surgery.place_like(table, surgery.as_adapter(model.prefix_mlp))
     else:
         model.prefix_embedding = surgery.new_param(table, surgery.normal(init_std), (n, width),
                                                    (None, None), k1)
     return model
+
+
+def attention(model: nnx.Module) -> nnx.Module:
+    """The model's one (stacked) attention module with a prefix hook."""
+    found = attention_modules(model)
+    if len(found) != 1:
+        raise ValueError(f"expected one stack of attention modules, found {len(found)}")
+    return found[0][1]
+
+
+def _init_ids(tokenizer: Any, text: str) -> np.ndarray | None:
+    if not text:
+        return None
+    if tokenizer is None:
+        raise ValueError("config.method.prompt.init_text needs a tokenizer")
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _apply_prompt(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> MethodPlan:
+    add_prompt(model, m.prompt.num_virtual_tokens, key=next(ctx.keys),
+               init_ids=_init_ids(ctx.tokenizer, m.prompt.init_text))
+    return adapter_plan(model, ctx)
+
+
+def _apply_prefix(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> MethodPlan:
+    add_prefix(model, m.prefix.num_virtual_tokens, key=next(ctx.keys),
+               projection=m.prefix.projection)
+    return adapter_plan(model, ctx)
+
+
+def _common(model: nnx.Module) -> dict[str, Any]:
+    return dict(num_virtual_tokens=model.num_virtual_tokens, num_transformer_submodules=1,
+                num_layers=freezing.num_layers(model))
+
+
+def _prompt_config(model: nnx.Module, m: ml_collections.ConfigDict, found: list,
+                   regex: Callable) -> dict[str, Any]:
+    return dict(token_dim=model.prompt_embeddings.get_value().shape[1],
+                num_attention_heads=attention(model).num_heads, prompt_tuning_init="RANDOM",
+                **_common(model))
+
+
+def _prefix_config(model: nnx.Module, m: ml_collections.ConfigDict, found: list,
+                   regex: Callable) -> dict[str, Any]:
+    attn = attention(model)
+    heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    return dict(token_dim=heads * attn.head_dim, num_attention_heads=heads,
+                encoder_hidden_size=model.model.cfg.hidden_size, prefix_projection=False,
+                **_common(model))
+
+
+def _from_peft(kind: str) -> Callable[[dict, Callable], dict]:
+    return lambda config, select: {"kind": kind,
+                                   kind: dict(num_virtual_tokens=int(config["num_virtual_tokens"]))}
+
+
+# Prompt learning has no tuner layer: a trained head is saved under "base_model." in PEFT.
+registry.register(registry.Method(
+    "prompt", _apply_prompt,
+    peft=registry.PeftFormat("PROMPT_TUNING", _prompt_config, _from_peft("prompt"), "base_model."),
+    defaults={"prompt": dict(num_virtual_tokens=20, init_text="")}))  # "" = random vocabulary rows
+registry.register(registry.Method(
+    "prefix", _apply_prefix,
+    peft=registry.PeftFormat("PREFIX_TUNING", _prefix_config, _from_peft("prefix"), "base_model."),
+    defaults={"prefix": dict(num_virtual_tokens=20, projection=0)}))  # projection > 0: MLP hidden size

@@ -13,12 +13,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from ftjax import sharding
 
 Init = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+
+class AdapterParam(nnx.Param):
+    """A parameter a fine-tuning method added (LoRA ``A``/``B``, IA3 vectors, virtual tokens...):
+    what an adapter method trains is the ``AdapterParam`` type filter (plus the head if asked)."""
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -31,6 +37,29 @@ def find(model: nnx.Module, cls: type | tuple[type, ...], pattern: str = "") -> 
     rx = re.compile(pattern)
     return [(tuple(p), m) for p, m in nnx.iter_graph(model)
             if isinstance(m, cls) and rx.search(path_str(p))]
+
+
+def wrap_linears(model: nnx.Module, base: type, pattern: str, make: Callable[[tuple, Any], Any],
+                 what: str) -> list[tuple]:
+    """Replace every ``base`` module whose path matches ``pattern`` by ``make(path, module)``;
+    returns the paths. No match is an error listing the candidates."""
+    found = find(model, base, pattern)
+    if not found:
+        names = [path_str(p) for p, _ in find(model, base)]
+        raise ValueError(f"{what}: no linear layer matches {pattern!r}; linear layers: {names}")
+    for path, lin in found:
+        replace(model, path, make(path, lin))
+    return [p for p, _ in found]
+
+
+def as_adapter(module: nnx.Module) -> nnx.Module:
+    """Turn every ``nnx.Param`` inside ``module`` (e.g. a freshly built MLP) into an ``AdapterParam``."""
+    for _, sub in list(nnx.iter_graph(module)):
+        if isinstance(sub, nnx.Module):
+            for name, var in list(vars(sub).items()):
+                if type(var) is nnx.Param:
+                    setattr(sub, name, AdapterParam(var.get_value(), **var.get_metadata()))
+    return module
 
 
 def replace(model: nnx.Module, path: Sequence[Any], new: Any) -> None:
@@ -83,12 +112,26 @@ def place_like(like: nnx.Variable, module: nnx.Module) -> None:
 
 
 def new_param(like: nnx.Variable, init: Init, shape: Sequence[int], axes: Sequence[str | None],
-              key: jax.Array, dtype: Any = None, cls: type = nnx.Param) -> nnx.Variable:
+              key: jax.Array, dtype: Any = None, cls: type = AdapterParam) -> nnx.Variable:
     """A fresh parameter ``init(key, shape, dtype)`` born in the sharding of ``axes`` next to ``like``."""
     shape, axes = tuple(shape), tuple(axes)
     value = init(key, shape, dtype or float_dtype(like))
     target = sharding_like(like, shape, axes)
     return cls(value if target is None else jax.device_put(value, target), logical_axes=axes)
+
+
+def host(x: Any) -> np.ndarray:
+    """A parameter (or array) gathered to the host as float32."""
+    return np.asarray(jax.device_get(x[...] if isinstance(x, nnx.Variable) else x), np.float32)
+
+
+def assign(var: nnx.Variable, value: np.ndarray, what: str = "") -> None:
+    """Set ``var`` from a host array of its exact shape, keeping its dtype and sharding."""
+    old = var.get_value()
+    if tuple(value.shape) != tuple(old.shape):
+        raise ValueError(f"{what or 'parameter'}: tensor has shape {value.shape}, ftjax expects "
+                         f"{old.shape}")
+    var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
 
 
 def float_dtype(var: nnx.Variable) -> Any:

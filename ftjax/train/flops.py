@@ -1,15 +1,17 @@
 """Training FLOPs per token and peak device FLOP/s, for the MFU estimate.
 
 FLOPs per trained token = 6 * N (forward + backward matmuls over all N parameters except the
-input embedding lookup) + 6 * L * T * H_q (attention scores and values: 12 * L * T * H_q for full
-attention, halved for causal masking as MaxText counts it), with L layers, T the sequence length
-and H_q = num_heads * head_dim.
+embedding lookups: the family's ``embeddings`` modules, the token table counted back in when the
+head projects onto it) + 12 * L * T * H_q (attention scores and values, halved for a causal family
+as MaxText counts it), with L layers, T the sequence length and H_q = num_heads * head_dim.
 """
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
+
+from ftjax.models import registry
 
 # bf16 dense peak per device (FLOP/s). CPU has no meaningful peak: MFU is then not reported.
 _PEAK_FLOPS = {
@@ -28,18 +30,18 @@ def peak_flops_per_device() -> float | None:
 
 
 def train_flops_per_token(model: nnx.Module, seq_len: int) -> float:
-    """6N + causal attention FLOPs per token (see the module docstring)."""
+    """6N + attention FLOPs per token (see the module docstring)."""
     params = nnx.state(model, nnx.Param)
     total = sum(x.size for x in jax.tree.leaves(params))
-    embed = 0
-    for path, value in nnx.to_flat_state(params):
-        if path[-1] == "embedding" and "embed_tokens" in path:
-            embed += value.get_value().size
-    cfg = getattr(getattr(model, "model", model), "cfg", None)
-    attention = 0.0
-    if cfg is not None and hasattr(cfg, "num_layers"):
-        head_dim = getattr(cfg, "resolved_head_dim", None) or cfg.hidden_size // cfg.num_heads
-        attention = 6.0 * cfg.num_layers * seq_len * cfg.num_heads * head_dim
-    tied = getattr(model, "lm_head", "absent") is None
-    matmul_params = total - embed + (embed if tied else 0)
-    return 6.0 * matmul_params + attention
+    cfg = getattr(getattr(model, "model", None), "cfg", None)
+    if cfg is None:
+        return 6.0 * total
+    family = registry.family_for_config(cfg)
+    token_table = ("model", *family.token_embedding.split("/"), "embedding")
+    tied = bool(getattr(model, "ties_input_embedding", False))
+    lookups = sum(var.get_value().size for path, var in nnx.to_flat_state(params)
+                  if len(path) > 1 and path[0] == "model" and path[1] in family.embeddings
+                  and not (tied and tuple(path) == token_table))
+    head_dim = getattr(cfg, "resolved_head_dim", None) or cfg.hidden_size // cfg.num_heads
+    attention = 12.0 * cfg.num_layers * seq_len * cfg.num_heads * head_dim
+    return 6.0 * (total - lookups) + (attention / 2 if family.causal else attention)

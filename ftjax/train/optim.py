@@ -89,18 +89,3 @@ def peak_learning_rate(opt_state: Any) -> Any:
         if _is_injected(part):
             return part.hyperparams["learning_rate"]
     raise ValueError("optimizer state has no injected learning rate")
-
-
-def set_hyperparams(opt_state: Any, **values: float) -> Any:
-    """Return ``opt_state`` with injected hyper-parameters replaced (no recompilation)."""
-    out = []
-    for part in opt_state:
-        if _is_injected(part):
-            hp = dict(part.hyperparams)
-            for k, v in values.items():
-                if k not in hp:
-                    raise KeyError(f"unknown hyper-parameter {k!r}; have {sorted(hp)}")
-                hp[k] = jnp.asarray(v, dtype=jnp.asarray(hp[k]).dtype)
-            part = part._replace(hyperparams=hp)
-        out.append(part)
-    return type(opt_state)(out) if not isinstance(opt_state, tuple) else tuple(out)
