@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.test_train_loop import REPO, TINY, _flat, _params_at
+import xla
+
 
 STEPS, EVERY = 8, 2
 
@@ -93,7 +95,7 @@ def test_evaluate_on_a_damaged_checkpoint_is_one_clear_line(damaged):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), f"--config={TINY}",
                         f"--workdir={damaged}", "--checkpoint=8", "--config.mesh.num_devices=1",
                         "--config.eval.max_batches=1"],
-                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                       env=dict(os.environ, XLA_FLAGS=xla.flags(1)),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.startswith(f"error: checkpoint step 8 in {damaged / 'checkpoints'} is damaged: "

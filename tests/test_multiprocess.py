@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import xla
+
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config.train.steps=4", "--config.log.every_steps=1", "--config.checkpoint.every_steps=2",
@@ -26,7 +28,7 @@ def _cmd(workdir: Path, *extra: str) -> list[str]:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=xla.flags(devices))
 
 
 def _losses(workdir: Path) -> list[float]:

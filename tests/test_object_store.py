@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from object_store import gcs, gcs_server  # noqa: F401  (fixtures)
+import xla
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ftjax" / "configs" / "tiny.py"
@@ -27,7 +29,7 @@ ARGS = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False",
 
 
 def _script(name: str, *args: str, env: dict, cwd: Path, wait: bool = True):
-    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(env, XLA_FLAGS=xla.flags(1), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(REPO / "scripts" / name), *args]
     if wait:
         return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from ftjax.experiments import launchers, search
 from ftjax.experiments.sweep import SweepInterrupted
+import xla
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,7 @@ def test_search_prunes_resumes_after_kill_and_reports(tmp_path):
     workdir = tmp_path / "search"
     cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"),
            f"--config={config}", f"--workdir={workdir}", "--search"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per trial
+    env = dict(os.environ, XLA_FLAGS=xla.flags())  # one CPU device per trial
 
     # First run: killed (SIGKILL, no chance to clean up) while trial 1, which the pruner never
     # judges (n_startup_trials=2), is training; its process gets SIGTERM and checkpoints.

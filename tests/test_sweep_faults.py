@@ -13,11 +13,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+import xla
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 200
 # Arms run on one CPU device (not the 8 fake ones of conftest): fast steps on a shared machine.
-ARM_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ARM_ENV = dict(os.environ, XLA_FLAGS=xla.flags())
 
 CONFIG = '''
 import sys

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from ftjax.experiments.ray_launcher import ray_options
+import xla
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 60, 5
@@ -63,7 +64,7 @@ def cluster():
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": temp}
     saved = {k: os.environ.get(k) for k in [*env, "XLA_FLAGS"]}
     os.environ.update(env)
-    os.environ.pop("XLA_FLAGS", None)  # the nodes' workers (and so the arms) get one CPU device each
+    os.environ["XLA_FLAGS"] = xla.flags()  # the nodes' workers (and so the arms) get one CPU device each
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster, started = Cluster(), []
     try:

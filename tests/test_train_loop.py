@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from ftjax.train.checkpoint import Checkpointer
+import xla
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ftjax" / "configs" / "tiny.py"
@@ -39,7 +41,7 @@ def _flat(tree) -> dict:
 
 
 def _run_cli(workdir: Path, *overrides: str, wait: bool = True, devices: int = 8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla.flags(devices),
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(REPO / "scripts" / "train.py"), f"--config={TINY}",
            f"--workdir={workdir}", *overrides]

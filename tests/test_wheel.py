@@ -17,6 +17,7 @@ import pytest
 
 from tests.hub_standin import StandInHub, folder_files
 from tests.wandb_offline import offline_env, offline_runs, read_run
+import xla
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--config.train.steps=2", "--config.eval.max_batches=1", "--config.mesh.num_devices=1"]
@@ -70,7 +71,7 @@ def test_installed_wheel_trains_sweeps_and_exports(venv, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(offline_env(tmp_path / "wandb_home"), HF_TOKEN="hf_standin",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla.flags(1))
     where = _run([bin_ / "python", "-c", "import ftjax, ftjax.configs; print(ftjax.__file__)"], work, env)
     assert Path(where.strip()).is_relative_to(venv), where
 
