@@ -17,7 +17,6 @@ it: each group of devices holds its arms' state, the frozen weights sharded insi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -36,13 +35,10 @@ from ftjax.errors import FtjaxError
 from ftjax.train import memory, optim
 from ftjax.train.checkpoint import abstract_like
 from ftjax.train.experiment import Experiment, build
+from ftjax.train.fused_plan import FUSABLE, program_key
 from ftjax.train.loop import init_state
 from ftjax.train.step import TrainState, make_train_step
 
-# Config keys whose values are traced (or only change init and data order): arms differing only
-# in these fuse. Every other key must be equal across a group.
-FUSABLE = ("train.learning_rate", "train.weight_decay", "train.b1", "train.b2", "train.eps",
-           "train.seed", "method.lora.alpha", "method.lora.rank")
 # Only these parameters may differ in shape between arms (a lower LoRA rank, zero-padded).
 PADDABLE = ("lora_a", "lora_b")
 
@@ -57,37 +53,6 @@ class FusedMemoryError(memory.MemoryBudgetError):
     def __init__(self, message: str, fit: int):
         super().__init__(message)
         self.fit = fit
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def program_key(config: ml_collections.ConfigDict) -> str | None:
-    """A string equal for arms that fuse (their configs agree outside ``FUSABLE``), or None for
-    an arm that never fuses (a regulariser anchored at the arm's own start)."""
-    if config.regularizer.kind != "none" and config.regularizer.strength:
-        return None
-    flat = _flat(config.to_dict())
-    return json.dumps({k: v for k, v in flat.items() if k not in FUSABLE}, sort_keys=True, default=str)
-
-
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with dotted ``overrides`` (a sweep arm's) applied."""
-    out = copy.deepcopy(config)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return out
 
 
 def arm_shards(num_arms: int, num_devices: int) -> int:

@@ -189,3 +189,30 @@ def train_fused(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.Pa
         ckpt.close()
         log.close()
     return {a.name: last_eval[i] for i, a in enumerate(group.arms)}
+
+
+def train_in_groups(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.PathLike]],
+                    max_arms: int = 0) -> dict[str, dict[str, Any]]:
+    """``train_fused`` on chunks of at most ``max_arms`` arms; 0 (auto): all of them, or as many
+    as the memory estimate fits when they don't (an explicit ``max_arms`` that doesn't fit is
+    refused)."""
+    out: dict[str, dict[str, Any]] = {}
+    todo, size = list(arms), max_arms or len(arms)
+    while todo:
+        chunk = todo[:size]
+        try:
+            out.update(train_fused(chunk) if len(chunk) > 1 else _train_one(chunk[0]))
+        except fused.FusedMemoryError as e:
+            if max_arms or e.fit < 1:
+                raise
+            print(f"fused: {len(chunk)} arms do not fit; training {e.fit} at a time", flush=True)
+            size = e.fit
+            continue
+        todo = todo[len(chunk):]
+    return out
+
+
+def _train_one(arm: tuple[str, ml_collections.ConfigDict, str | os.PathLike]) -> dict[str, dict]:
+    from ftjax.train.loop import train
+    name, config, workdir = arm
+    return {name: train(config, workdir)}
