@@ -169,7 +169,7 @@ def test_kill_and_resume_of_a_fused_run_is_exact(bert_dir, tmp_path):
     proc.wait()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from the arms' checkpoints at step 4" in r.stdout
+    assert "resumed from the arms' checkpoints at step" in r.stdout
     for a, c in arms:
         np.testing.assert_array_equal(_losses(killed / "arms" / a.name), _losses(full / a.name))
         p, q = _params(c, killed / "arms" / a.name), _params(c, full / a.name)

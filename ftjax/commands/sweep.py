@@ -2,6 +2,11 @@
 
 ftjax-sweep --config=NAME|FILE.py[:ARG] --workdir=DIR [--parallel=N]
     [--devices_per_arm=K] [--launcher=ray --ray_address=HOST:PORT --max_retries=3]
+    [--fuse=auto|off|max_arms=N]
+
+--fuse=auto (the default, local launcher) trains arms that differ only in traced values (lr,
+weight decay, seed, LoRA alpha/rank) as one vmapped program per group, as many per program as
+the memory estimate fits; max_arms=N caps a group (refused if N don't fit); off runs each alone.
 
 SIGTERM or Ctrl-C stops every running arm at a checkpoint and exits non-zero naming them;
 the same command again resumes them. See docs/scale_ray.md for sweeps on a Ray cluster.
@@ -25,6 +30,8 @@ _RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "Ray: the cluster's HOST
                                    "start a local Ray instance).")
 _MAX_RETRIES = flags.DEFINE_integer("max_retries", 3, "Ray: times an arm whose node died is retried.")
 _RETRY = flags.DEFINE_bool("retry_failed", False, "Run failed arms again.")
+_FUSE = flags.DEFINE_string("fuse", "auto", "auto | off | max_arms=N: train arms that compile to "
+                             "one program together (local launcher).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the report.")
 _SEARCH = flags.DEFINE_bool("search", False, "Run the config's search() (Optuna) instead of sweep().")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -45,20 +52,22 @@ def main(argv):
     config = module.get_config(arg or None)
     if not _REPORT_ONLY.value:
         print(f"sweep: {len(arms)} arms -> {_WORKDIR.value} ({_LAUNCHER.value} launcher)", flush=True)
-        _launcher().run(arms)
+        _launcher(fuse=True).run(arms)
     metric = config.eval.best_metric
     path_md, text = report.write_report(_WORKDIR.value, arms, metric,
                                         higher_is_better=config.eval.best_mode == "max")
     print("\n" + text + f"\nreport: {path_md}")
 
 
-def _launcher():
+def _launcher(fuse: bool = False):
     from ftjax.experiments import launchers
+    from ftjax.train.fused_plan import parse_fuse
 
     return launchers.make_launcher(
         _LAUNCHER.value, _CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value,
         devices_per_arm=_DEVICES.value, ray_address=_RAY_ADDRESS.value,
-        max_retries=_MAX_RETRIES.value, retry_failed=_RETRY.value)
+        max_retries=_MAX_RETRIES.value, retry_failed=_RETRY.value,
+        fuse=parse_fuse(_FUSE.value) if fuse else None)
 
 
 def _search(module, arg):

@@ -5,6 +5,8 @@ the sweep stops every running arm at a checkpoint, and then ``run`` raises
 ``SweepInterrupted``), ``run_arm(arm) -> status`` runs one to its end (blocking; the search
 driver calls it from its own threads) and ``stop_arm(arm)`` asks a running arm to checkpoint and
 exit. A status is 'done', 'failed', 'interrupted' (stopped at a checkpoint) or 'pending'.
+The local launcher with ``fuse`` set runs arms that fuse (``sweep.fusion_groups``) as one
+process each (``run_group``).
 """
 
 from __future__ import annotations
@@ -54,9 +56,13 @@ class Launcher:
     def run(self, arms: list[Arm]) -> dict[str, str]:
         """Run every arm; raises SweepInterrupted when any arm stopped before its end."""
         sweep.write_manifest(self.workdir, self.config_arg, arms)
+        units = self.units(arms)
         with forward_signals(self.stop_all), \
-                concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency, len(arms)))) as pool:
-            statuses = dict(zip([a.name for a in arms], pool.map(self.run_arm, arms)))
+                concurrent.futures.ThreadPoolExecutor(max(1, min(self.concurrency, len(units)))) as pool:
+            done: dict[str, str] = {}
+            for result in pool.map(self._run_unit, units):
+                done.update(result)
+        statuses = {a.name: done[a.name] for a in arms}
         if self._stopping.is_set() or "interrupted" in statuses.values():
             raise SweepInterrupted(statuses)
         return statuses
@@ -67,7 +73,17 @@ class Launcher:
             self.echo("sweep: stopping; every running arm checkpoints and exits")
         self._stopping.set()
 
+    def units(self, arms: list[Arm]) -> list[list[Arm]]:
+        """What runs as one process: every arm alone (a launcher that fuses groups them)."""
+        return [[a] for a in arms]
+
+    def _run_unit(self, unit: list[Arm]) -> dict[str, str]:
+        return {unit[0].name: self.run_arm(unit[0])} if len(unit) == 1 else self.run_group(unit)
+
     def run_arm(self, arm: Arm) -> str:
+        raise NotImplementedError
+
+    def run_group(self, arms: list[Arm]) -> dict[str, str]:
         raise NotImplementedError
 
     def stop_arm(self, arm: Arm) -> None:
@@ -86,9 +102,12 @@ class LocalLauncher(Launcher):
     ``devices_per_arm`` is set (else every arm sees every device)."""
 
     def __init__(self, config_arg: str, workdir: str | os.PathLike, *, parallel: int = 1,
-                 devices_per_arm: int = 0, **kwargs):
+                 devices_per_arm: int = 0, fuse: int | None = None, **kwargs):
+        """``fuse``: None runs every arm alone; 0 fuses every group of arms that compile to one
+        program (as many at a time as fit in memory); N > 0 at most N arms a group."""
         super().__init__(config_arg, workdir, **kwargs)
         self.concurrency, self.devices_per_arm = max(1, parallel), devices_per_arm
+        self.fuse = fuse
         for slot in range(self.concurrency):  # fail now, not in the middle of the sweep
             device_env(slot, devices_per_arm)
         self._slots: queue.Queue[int] = queue.Queue()
@@ -104,6 +123,27 @@ class LocalLauncher(Launcher):
             return sweep.run_arm(self.config_arg, arm, self.workdir, env=env, echo=self.echo,
                                  stop=stop,
                                  retry_failed=self.retry_failed)
+        finally:
+            self._slots.put(slot)
+
+    def units(self, arms: list[Arm]) -> list[list[Arm]]:
+        if self.fuse is None:
+            return super().units(arms)
+        groups = sweep.fusion_groups(self.config_arg, self.workdir, arms, self.fuse)
+        for g in groups:
+            if len(g) > 1:
+                self.echo(f"sweep: fusing {len(g)} arms into one program: {', '.join(a.name for a in g)}")
+        return groups
+
+    def run_group(self, arms: list[Arm]) -> dict[str, str]:
+        flags = [self._stop_flag(a) for a in arms]
+        slot = self._slots.get()
+        try:
+            env = dict(os.environ, **sweep.cache_env(self.workdir),
+                       **device_env(slot, self.devices_per_arm))
+            return sweep.run_group(self.config_arg, arms, self.workdir, env=env, echo=self.echo,
+                                   stop=lambda: any(f() for f in flags),
+                                   retry_failed=self.retry_failed, max_arms=self.fuse or 0)
         finally:
             self._slots.put(slot)
 
@@ -140,11 +180,12 @@ def device_env(slot: int, devices_per_arm: int,
 
 def make_launcher(kind: str, config_arg: str, workdir: str | os.PathLike, *, parallel: int = 1,
                   devices_per_arm: int = 0, ray_address: str | None = None, max_retries: int = 3,
-                  retry_failed: bool = False, echo: Callable[[str], None] = print) -> Launcher:
-    """The launcher ``--launcher`` names: 'local' (default) or 'ray'."""
+                  retry_failed: bool = False, echo: Callable[[str], None] = print,
+                  fuse: int | None = None) -> Launcher:
+    """The launcher ``--launcher`` names: 'local' (default) or 'ray' (arms never fused there)."""
     if kind == "local":
         return LocalLauncher(config_arg, workdir, parallel=parallel, devices_per_arm=devices_per_arm,
-                             retry_failed=retry_failed, echo=echo)
+                             retry_failed=retry_failed, echo=echo, fuse=fuse)
     if kind == "ray":
         from ftjax.experiments.ray_launcher import RayLauncher
         return RayLauncher(config_arg, workdir, address=ray_address, max_retries=max_retries,

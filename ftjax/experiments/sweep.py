@@ -18,6 +18,12 @@ first process has exited. A finished arm (its ``run_summary.json`` covers all it
 run again; a failing arm is recorded with its error and the others go on. All arms share a
 persistent XLA compilation cache: arms that differ only in traced values (learning rate, weight
 decay, seed) compile to the same program and skip the compile.
+
+With fusing on (``--fuse=auto``, the default), arms whose configs differ only in such values
+(``ftjax.train.fused_plan.FUSABLE``) run as one group: one process
+(``python -m ftjax.commands.train_fused``) trains them as one vmapped program and writes every
+arm's folder as its own run would. It holds every arm's lock, logs to each arm's ``train.log``
+and stops (SIGTERM) like an arm.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from ftjax.paths import as_path, is_url
 
 # Arms run the train command as a module of the installed package, from any directory.
 TRAIN_COMMAND = (sys.executable, "-m", "ftjax.commands.train")
+FUSED_COMMAND = (sys.executable, "-m", "ftjax.commands.train_fused")
 SEED_KEY = "train.seed"
 PROGRESS = ("[train]", "[eval]", "first step", "resumed", "mesh", "SIGTERM")
 _PR_SET_PDEATHSIG = 1
@@ -152,6 +159,43 @@ def arm_command(config_arg: str, arm: Arm, workdir: epath.Path) -> list[str]:
     return [*TRAIN_COMMAND, f"--config={config_arg}", f"--workdir={workdir}", *flags]
 
 
+def arm_configs(config_arg: str, workdir: str | os.PathLike, names: list[str] | None = None
+                ) -> list[tuple[Arm, Any]]:
+    """The sweep's arms (those in ``names``, default all) with the configs their train command
+    would build (overrides applied, W&B group as in ``arm_command``)."""
+    from ftjax.train.fused_plan import with_overrides
+
+    path, _, arg = config_arg.partition(":")
+    module = load_config_module(path)
+    entries = module.sweep(arg or None) if module.sweep.__code__.co_argcount else module.sweep()
+    arms = expand_arms(entries, resources=getattr(module, "RESOURCES", None))
+    if names is not None:
+        unknown = sorted(set(names) - {a.name for a in arms})
+        if unknown:
+            raise SweepError(f"arms {unknown} are not in {path}'s sweep()")
+        arms = [a for a in arms if a.name in names]
+    base = module.get_config(arg or None)
+    group = {"log.wandb_group": sweep_dir(workdir).name}
+    return [(a, with_overrides(base, {**group, **a.overrides})) for a in arms]
+
+
+def fusion_groups(config_arg: str, workdir: str | os.PathLike, arms: list[Arm],
+                  max_arms: int = 0) -> list[list[Arm]]:
+    """``arms`` split into groups that train as one program (singletons run as today), at most
+    ``max_arms`` per group (0: no limit)."""
+    from ftjax.train.fused_plan import group_by_program, program_key
+
+    keys = {a.name: program_key(c) for a, c in arm_configs(config_arg, workdir, [a.name for a in arms])}
+    return group_by_program(arms, lambda a: keys[a.name], max_arms)
+
+
+def group_command(config_arg: str, arms: list[Arm], workdir: str | os.PathLike,
+                  max_arms: int = 0) -> list[str]:
+    """The fused train command of ``arms`` in the sweep folder ``workdir``."""
+    return [*FUSED_COMMAND, f"--config={config_arg}", f"--workdir={sweep_dir(workdir)}",
+            f"--arms={','.join(a.name for a in arms)}", f"--max_arms={max_arms}"]
+
+
 def cache_env(workdir: str | os.PathLike) -> dict[str, str]:
     """Unbuffered output and the persistent XLA cache every arm of the sweep shares."""
     return dict(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(sweep_dir(workdir) / "xla_cache"),
@@ -210,10 +254,19 @@ def run_arm(config_arg: str, arm: Arm, workdir: str | os.PathLike, *,
 def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Mapping[str, str] | None,
                 say: Callable[[str], None], stop: Callable[[], bool], where: str) -> str:
     """Start the arm's process (holding ``lock``), echo its progress, forward ``stop()``."""
-    (path / "error.txt").unlink(missing_ok=True)
-    (path / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
-    cmd = arm_command(config_arg, arm, path)
-    log_path = os.fspath(local_side(path) / "train.log")
+    return _run_process(arm_command(config_arg, arm, path), [arm], [path], [lock], env, say, stop,
+                        where)[arm.name]
+
+
+def _run_process(cmd: list[str], arms: list[Arm], paths: list[epath.Path], locks: list[int],
+                 env: Mapping[str, str] | None, say: Callable[[str], None], stop: Callable[[], bool],
+                 where: str) -> dict[str, str]:
+    """Run ``cmd`` (the train process of ``arms``, holding their ``locks``), logging to the first
+    arm's ``train.log`` (copied to the others' when it ends); each arm's status."""
+    for arm, path in zip(arms, paths):
+        (path / "error.txt").unlink(missing_ok=True)
+        (path / "arm.json").write_text(json.dumps(dataclasses.asdict(arm), indent=2))
+    log_path = os.fspath(local_side(paths[0]) / "train.log")
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} on {where}, runner pid {os.getpid()}: "
                   f"{' '.join(cmd)}\n")
@@ -222,7 +275,7 @@ def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Map
         start = time.time()
         proc = subprocess.Popen(cmd, env=dict(env if env is not None else os.environ),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, pass_fds=(lock,),
+                                start_new_session=True, pass_fds=tuple(locks),
                                 preexec_fn=_die_with_parent(os.getpid()))
     tail, lines, stopped = _Tail(log_path, start_offset), collections.deque(maxlen=60), False
     while True:
@@ -242,18 +295,62 @@ def _run_locked(config_arg: str, arm: Arm, path: epath.Path, lock: int, env: Map
         except KeyboardInterrupt:
             stop = lambda: True  # noqa: E731
     tail.close()
-    if is_url(path):
-        (path / "train.log").write_text(epath.Path(log_path).read_text())
-    status = arm_status(path)
-    if status == "done":
-        say(f"done in {time.time() - start:.0f}s")
-        return "done"
-    if code == 0 or stopped:
-        say(f"interrupted (exit {code}); run the sweep again to resume it from its checkpoint")
-        return "interrupted"
-    (path / "error.txt").write_text(f"exit code {code}\n" + "\n".join(lines))
-    say(f"FAILED (exit {code}); see {path / 'error.txt'}")
-    return "failed"
+    text = epath.Path(log_path).read_text()
+    for path in paths:
+        if is_url(path):
+            (path / "train.log").write_text(text)
+    for path in paths[1:]:
+        if not is_url(path):
+            with open(os.fspath(local_side(path) / "train.log"), "a", encoding="utf-8") as f:
+                f.write(text[start_offset:] if len(text) >= start_offset else text)
+    out = {}
+    for arm, path in zip(arms, paths):
+        status = arm_status(path)
+        if status == "done":
+            say(f"done in {time.time() - start:.0f}s")
+            out[arm.name] = "done"
+        elif code == 0 or stopped:
+            say(f"interrupted (exit {code}); run the sweep again to resume it from its checkpoint")
+            out[arm.name] = "interrupted"
+        else:
+            (path / "error.txt").write_text(f"exit code {code}\n" + "\n".join(lines))
+            say(f"FAILED (exit {code}); see {path / 'error.txt'}")
+            out[arm.name] = "failed"
+    return out
+
+
+def run_group(config_arg: str, arms: list[Arm], workdir: str | os.PathLike, *,
+              env: Mapping[str, str] | None = None, echo: Callable[[str], None] = print,
+              stop: Callable[[], bool] = lambda: False, retry_failed: bool = False,
+              max_arms: int = 0, where: str | None = None) -> dict[str, str]:
+    """Run ``arms`` as one fused process (``run_arm`` when only one is left to run); each arm's
+    status as ``run_arm`` gives it."""
+    statuses = {a.name: arm_status(arm_dir(workdir, a)) for a in arms}
+    todo = [a for a in arms if statuses[a.name] == "pending"
+            or (statuses[a.name] == "failed" and retry_failed)]
+    if len(todo) <= 1:
+        statuses.update({a.name: run_arm(config_arg, a, workdir, env=env, echo=echo, stop=stop,
+                                         retry_failed=retry_failed, where=where) for a in todo})
+        return statuses
+    name = f"fused:{todo[0].name}+{len(todo) - 1}"
+    say = lambda message: echo(f"[{name}] {message}")  # noqa: E731
+    paths = [arm_dir(workdir, a) for a in todo]
+    locks: list[int] = []
+    try:
+        for path in paths:
+            path.mkdir(parents=True, exist_ok=True)
+            local_side(path).mkdir(parents=True, exist_ok=True)
+            lock = _acquire(local_side(path) / "arm.lock", say, stop)
+            if lock is None:
+                return {**statuses, **{a.name: arm_status(arm_dir(workdir, a)) for a in todo}}
+            locks.append(lock)
+        cmd = group_command(config_arg, todo, workdir, max_arms)
+        statuses.update(_run_process(cmd, todo, paths, locks, env, say, stop,
+                                     where or socket.gethostname()))
+        return statuses
+    finally:
+        for lock in locks:
+            os.close(lock)
 
 
 def _acquire(lock_path: epath.Path, say: Callable[[str], None], stop: Callable[[], bool]) -> int | None:

@@ -4,7 +4,8 @@ Each arm's folder ends up as its own ``train.loop.train`` run would leave it (``
 ``eval/metrics.json``, ``run_summary.json``, ``checkpoints/`` that ``scripts/evaluate.py`` and
 ``scripts/export.py`` restore with the arm's own config). The arms step together, so they save at
 the same steps; a resume restores every arm at the newest step all of them hold (an arm's newer
-checkpoint, left by a kill between two arms' saves, is dropped) and continues exactly.
+checkpoint, left by a kill between two arms' saves, is dropped; each arm keeps one checkpoint
+more than ``checkpoint.keep`` for this) and continues exactly.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ from ftjax.train.loop import _Preemption, _best_logged, _better, _scalars, _tota
 
 
 def _checkpointer(arm: fused.Arm) -> Checkpointer:
+    """The arm's checkpoints, keeping one more than ``checkpoint.keep``: a kill between two arms'
+    saves of a step leaves the earlier arms one step ahead, and the step before must survive in
+    all of them to resume from."""
     c = arm.config
-    return Checkpointer(arm.workdir / "checkpoints", c.checkpoint, best_metric=c.eval.best_metric,
+    cfg = ml_collections.ConfigDict(c.checkpoint.to_dict())
+    cfg.keep = int(c.checkpoint.keep) + 1
+    return Checkpointer(arm.workdir / "checkpoints", cfg, best_metric=c.eval.best_metric,
                         best_mode=c.eval.best_mode)
 
 
