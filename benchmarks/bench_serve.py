@@ -253,6 +253,8 @@ def main(argv):
                 [f"lora{i}" for i in range(NUM_ADAPTERS)] if name == "adapters" else [base_id])
         try:
             results.append(run_config(name, base, models, ftjax=name != "llama.cpp"))
+        except Exception as e:  # noqa: BLE001 - report it and go on with the next server
+            results.append(dict(config=name, failed_to_run=f"{type(e).__name__}: {e}"))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -269,10 +271,11 @@ def main(argv):
 def table(report: dict) -> str:
     rows = ["| server | clients | tokens/s | p50 / p99 latency (s) | p50 / p99 TTFT (s) | failed |",
             "|---|---|---|---|---|---|"]
-    by = {r["config"]: r for r in report["results"]}
+    by = {r["config"]: r for r in report["results"] if "levels" in r}
     for r in report["results"]:
-        if r.get("unavailable"):
-            rows.append(f"| {r['config']} | - | not available here | | | |")
+        if r.get("unavailable") or r.get("failed_to_run"):
+            rows.append(f"| {r['config']} | - | {r.get('failed_to_run') or 'not available here'} "
+                        "| | | |")
             continue
         for lv in r["levels"]:
             rows.append(f"| {r['config']} | {lv['clients']} | {lv['tokens_per_s']:.1f} | "
@@ -289,7 +292,7 @@ def table(report: dict) -> str:
         for a, c in zip(by["adapters"]["levels"], by["continuous"]["levels"]):
             notes.append(f"{c['clients']} clients: 4 adapters / 1 model p50 latency "
                          f"{a['latency_p50_s'] / c['latency_p50_s']:.2f}x")
-    if "llama.cpp" in by and not by["llama.cpp"].get("unavailable") and "continuous" in by:
+    if "llama.cpp" in by and "continuous" in by:
         for l, c in zip(by["llama.cpp"]["levels"], by["continuous"]["levels"]):
             notes.append(f"{c['clients']} clients: ftjax continuous / llama.cpp throughput "
                          f"{c['tokens_per_s'] / l['tokens_per_s']:.2f}x")
