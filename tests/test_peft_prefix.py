@@ -20,7 +20,9 @@ FAMILIES = {
     "gemma": (transformers.Gemma2ForCausalLM, dict(
         model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=48,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        sliding_window=4, pad_token_id=0)),
+        # A window wider than prefix + tokens: transformers applies Gemma 2's local window to the
+        # prefix keys too (they sit at cache positions 0..n-1), ftjax's prefix ignores windows.
+        sliding_window=16, pad_token_id=0)),
 }
 
 

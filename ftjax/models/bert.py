@@ -28,6 +28,7 @@ HF_MODEL_TYPES = {"bert": "Bert", "roberta": "Roberta"}  # transformers model_ty
 HF_HEAD_SUFFIX = {"encoder": "Model", "sequence_classification": "ForSequenceClassification",
                   "token_classification": "ForTokenClassification", "masked_lm": "ForMaskedLM"}
 HEADS = tuple(HF_HEAD_SUFFIX)
+POOLINGS = ("pooler", "cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,9 @@ class BertConfig:
     eos_token_id: int | None = None
     model_type: str = "bert"  # "roberta": padding-offset positions and RoBERTa heads
     dropout: float = 0.0  # hidden + classifier dropout, active only in the train step
+    # What a BERT sequence classifier classifies: HF's pooler (tanh(dense([CLS]))), the [CLS]
+    # state itself, or the mean over real tokens (sentence-transformers checkpoints say which).
+    pooling: str = "pooler"  # pooler | cls | mean
     # runtime switches (not architecture)
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -258,6 +262,10 @@ class BertForSequenceClassification(nnx.Module):
     head = "sequence_classification"
 
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+        if cfg.pooling not in POOLINGS or (cfg.is_roberta and cfg.pooling != "pooler"):
+            raise ValueError(f"pooling={cfg.pooling!r} for {cfg.model_type}; choose from "
+                             f"{POOLINGS if not cfg.is_roberta else ('pooler',)} (RoBERTa's "
+                             "classification head pools <s> itself)")
         self.model = BertModel(cfg, pooler=not cfg.is_roberta, rngs=rngs)
         if cfg.is_roberta:
             self.classifier = RobertaClassificationHead(cfg, num_labels, rngs=rngs)
@@ -272,7 +280,20 @@ class BertForSequenceClassification(nnx.Module):
                           token_type_ids)
         if isinstance(self.classifier, RobertaClassificationHead):
             return self.classifier(h)
-        return self.classifier(_apply_dropout(self.dropout, self.model.pool(h)))
+        return self.classifier(_apply_dropout(self.dropout, self.pooled(h, attention_mask, segment_ids)))
+
+    def pooled(self, h: jax.Array, attention_mask: jax.Array | None,
+               segment_ids: jax.Array | None) -> jax.Array:
+        """``[B, D]`` per ``cfg.pooling``; ``mean`` averages the real (mask 1 / segment > 0) tokens."""
+        pooling = self.model.cfg.pooling
+        if pooling == "pooler":
+            return self.model.pool(h)
+        if pooling == "cls":
+            return h[:, 0]
+        keep = (attention_mask if attention_mask is not None else segment_ids > 0
+                if segment_ids is not None else jnp.ones(h.shape[:2]))
+        keep = keep.astype(h.dtype)[..., None]
+        return jnp.sum(h * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1e-9)
 
 
 class BertForTokenClassification(nnx.Module):
@@ -374,6 +395,7 @@ def hf_weight_map(cfg: BertConfig, head: str) -> list[weights.WeightSpec]:
     return specs
 
 
+SENTENCE_POOLING = "sentence_transformers_pooling"  # key loading adds for a 1_Pooling folder
 _HF_KEYS = dict(vocab_size="vocab_size", hidden_size="hidden_size",
                 intermediate_size="intermediate_size", num_layers="num_hidden_layers",
                 num_heads="num_attention_heads", max_position_embeddings="max_position_embeddings",
@@ -390,7 +412,13 @@ def from_hf_config(hf: dict[str, Any]) -> BertConfig:
                          f"{sorted(HF_MODEL_TYPES)}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise NotImplementedError("only absolute position embeddings are supported")
-    return BertConfig(**{ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf})
+    kwargs = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
+    st = hf.get(SENTENCE_POOLING) or {}  # sentence-transformers' 1_Pooling/config.json
+    if st.get("pooling_mode_mean_tokens"):
+        kwargs["pooling"] = "mean"
+    elif st.get("pooling_mode_cls_token"):
+        kwargs["pooling"] = "cls"
+    return BertConfig(**kwargs)
 
 
 def to_hf_config(cfg: BertConfig) -> dict[str, Any]:

@@ -35,6 +35,7 @@ HUB_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "tokenize
 # Non-parameter buffers some checkpoints carry; skipped without complaint.
 IGNORED_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias"
                              r"|embeddings\.position_ids)$")
+SENTENCE_POOLING_FILE = "1_Pooling/config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 
 
@@ -326,6 +327,8 @@ def from_pretrained(source: str | Path, *, head: str | None = None, num_labels: 
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
     d = json.loads(config_file.read_text())
+    if (path / SENTENCE_POOLING_FILE).exists():  # a sentence-transformers checkpoint's pooling
+        d["sentence_transformers_pooling"] = json.loads((path / SENTENCE_POOLING_FILE).read_text())
     family, cfg, head, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
     tensors = folder_source(path, allow_pickle)
     model = load_weights(family, cfg, head, num_labels, tensors, mesh, seed=seed, where=str(path))

@@ -1,0 +1,63 @@
+"""Pooling of BERT sequence classifiers (``pooling = pooler | cls | mean``) against the same
+classifier applied in torch to transformers' hidden states, mean pooled as sentence-transformers
+does; the default comes from a sentence-transformers ``1_Pooling/config.json`` (atol 1e-5)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ftjax import sharding
+from ftjax.models.loading import from_pretrained
+
+IDS = np.array([[2, 5, 7, 9, 4, 6], [3, 8, 6, 0, 0, 0]])
+MASK = (IDS != 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, num_labels=3)
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(cfg).eval()
+    folder = tmp_path_factory.mktemp("bert")
+    ref.save_pretrained(folder)
+    with torch.no_grad():
+        h = ref.bert(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state
+        m = torch.tensor(MASK, dtype=h.dtype)[..., None]
+        pooled = dict(pooler=ref.bert.pooler(h), cls=h[:, 0],
+                      mean=(h * m).sum(1) / m.sum(1).clamp(min=1e-9))  # sentence-transformers' mean
+        want = {k: ref.classifier(v).numpy() for k, v in pooled.items()}
+    return folder, want
+
+
+def _logits(folder, **overrides) -> tuple[np.ndarray, str]:
+    model, _ = from_pretrained(folder, mesh=sharding.make_mesh({}, devices=jax.devices()[:1]),
+                               **overrides)
+    return np.asarray(model(IDS, MASK)), model.model.cfg.pooling
+
+
+@pytest.mark.parametrize("pooling", ["pooler", "cls", "mean"])
+def test_pooling_matches_torch(saved, pooling):
+    folder, want = saved
+    got, _ = _logits(folder, pooling=pooling)
+    np.testing.assert_allclose(got, want[pooling], atol=1e-5, rtol=0)
+
+
+def test_sentence_transformers_pooling_config_sets_the_default(saved, tmp_path):
+    folder, want = saved
+    assert _logits(folder)[1] == "pooler"  # no 1_Pooling: transformers' own head
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True}))
+    got, pooling = _logits(tmp_path)
+    assert pooling == "mean"
+    np.testing.assert_allclose(got, want["mean"], atol=1e-5, rtol=0)
