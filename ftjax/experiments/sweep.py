@@ -328,10 +328,12 @@ def run_group(config_arg: str, arms: list[Arm], workdir: str | os.PathLike, *,
     statuses = {a.name: arm_status(arm_dir(workdir, a)) for a in arms}
     todo = [a for a in arms if statuses[a.name] == "pending"
             or (statuses[a.name] == "failed" and retry_failed)]
-    if len(todo) <= 1:
-        statuses.update({a.name: run_arm(config_arg, a, workdir, env=env, echo=echo, stop=stop,
-                                         retry_failed=retry_failed, where=where) for a in todo})
-        return statuses
+    if len(todo) <= 1:  # run_arm also reports the done / failed arms as skipped
+        return {a.name: run_arm(config_arg, a, workdir, env=env, echo=echo, stop=stop,
+                                retry_failed=retry_failed, where=where) for a in arms}
+    for a in arms:
+        if a not in todo:
+            echo(f"[{a.name}] {statuses[a.name]}, skipped")
     name = f"fused:{todo[0].name}+{len(todo) - 1}"
     say = lambda message: echo(f"[{name}] {message}")  # noqa: E731
     paths = [arm_dir(workdir, a) for a in todo]

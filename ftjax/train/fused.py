@@ -18,7 +18,6 @@ it: each group of devices holds its arms' state, the frozen weights sharded insi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Sequence
 
@@ -197,24 +196,20 @@ def build_group(arms: Sequence[tuple[str, ml_collections.ConfigDict, epath.Path]
         out.append(Arm(name, config, epath.Path(workdir), exp.pipe, abstract_like(state),
                        exp.num_trainable, exp.num_total))
         del exp, mine  # this arm's model: only its differing frozen leaves stay
-    params, shapes = _stack_trees([s.params for s in states], mesh, "parameter")
-    opt_state, _ = _stack_trees([s.opt_state for s in states], mesh, "optimizer state")
+    seeds = {c.train.seed for _, c, _ in arms}
+    state, shapes = _stack_states(states, mesh, shared_rng=len(seeds) == 1)
     masks = {}
     for j, shape in enumerate(shapes):
         own = [jax.tree.leaves(s.params)[j].shape for s in states]
         if any(o != shape for o in own):
             masks[str(j)] = _stack([jnp.ones(o, jnp.float32) for o in own], shape, mesh)
-    seeds = {c.train.seed for _, c, _ in arms}
-    rng = states[0].rng if len(seeds) == 1 else _stack([s.rng for s in states], states[0].rng.shape, mesh)
-    state = TrainState(step=states[0].step, params=params, opt_state=opt_state, rng=rng)
     frozen0 = jax.tree.leaves(ref.frozen)
     shared = [None if j in differs else x for j, x in enumerate(frozen0)]
     arm_frozen = {str(j): _stack([f.get(j, frozen0[j]) for f in own_frozen], frozen0[j].shape, mesh)
                   for j in sorted(differs)}
-    exp, tx, padded_template = ref, ref_tx, out[0].template
-    return Group(arms=out, exp=exp, tx=tx, state=state, frozen_def=jax.tree.structure(ref.frozen), shared_frozen=shared,
-                 arm_frozen=arm_frozen, masks=masks, shared_batch=len(seeds) == 1,
-                 padded_template=padded_template)
+    return Group(arms=out, exp=ref, tx=ref_tx, state=state, frozen_def=jax.tree.structure(ref.frozen),
+                 shared_frozen=shared, arm_frozen=arm_frozen, masks=masks,
+                 shared_batch=len(seeds) == 1, padded_template=out[0].template)
 
 
 def _frozen(group: Group, shared: list, arm_frozen: dict) -> Any:
@@ -290,11 +285,17 @@ def arm_frozen(group: Group, i: int) -> Any:
     return _frozen(group, group.shared_frozen, own)
 
 
+def _stack_states(states: Sequence[TrainState], mesh: Mesh, shared_rng: bool
+                  ) -> tuple[TrainState, list[tuple[int, ...]]]:
+    """The arms' states stacked (step shared; rng too when ``shared_rng``), and the padded
+    parameter shapes."""
+    params, shapes = _stack_trees([s.params for s in states], mesh, "parameter")
+    opt_state, _ = _stack_trees([s.opt_state for s in states], mesh, "optimizer state")
+    rng = states[0].rng if shared_rng else _stack([s.rng for s in states], states[0].rng.shape, mesh)
+    return TrainState(step=states[0].step, params=params, opt_state=opt_state, rng=rng), shapes
+
+
 def set_state(group: Group, states: Sequence[TrainState]) -> None:
     """Replace the group's state by the arms' own (restored) states, stacked."""
-    mesh = group.mesh
-    params, _ = _stack_trees([s.params for s in states], mesh, "parameter")
-    opt_state, _ = _stack_trees([s.opt_state for s in states], mesh, "optimizer state")
-    rng = states[0].rng if group.shared_batch else _stack([s.rng for s in states], states[0].rng.shape, mesh)
-    group.state = TrainState(step=jax.device_put(states[0].step, group.state.step.sharding),
-                             params=params, opt_state=opt_state, rng=rng)
+    state, _ = _stack_states(states, group.mesh, group.shared_batch)
+    group.state = state.replace(step=jax.device_put(state.step, group.state.step.sharding))
