@@ -171,3 +171,53 @@ def test_adapters_over_http_unknown_adapter_404_metrics_and_health(http, served)
     errors = {(s.labels["endpoint"], s.labels["code"]) for s in families["ftjax_errors"].samples
               if s.name == "ftjax_errors_total"}
     assert ("/v1/completions", "model_not_found") in errors
+
+
+def test_adapters_from_a_training_run_found_through_its_sweep(tmp_path):
+    """``--sweep=DIR`` / ``--adapter=NAME=RUN_DIR``: a LoRA run that ftjax trained over the tiny HF
+    base (a finished arm of a sweep folder) serves as an adapter. Reference: the same run exported
+    as a PEFT folder, loaded onto the torch base by HF ``peft``, merged, and greedy-decoded by
+    transformers."""
+    from ftjax.config import base_config, finalize
+    from ftjax.peft import export_peft
+    from ftjax.serve.models import sweep_adapters
+    from ftjax.train.loop import load_trained, train
+
+    base_dir = tmp_path / "tiny-lm"
+    save_tiny(transformers.LlamaForCausalLM, base_dir)
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(p.strip() for p, _, _ in ROWS) + "\n")
+    c = base_config()
+    c.model.source = str(base_dir)
+    c.data.update(task="lm", format="text", train_path=str(text), eval_path=str(text), seq_len=16,
+                  cache_dir="none")
+    c.method.kind = "lora"
+    c.method.lora.update(rank=4, alpha=8.0)
+    c.train.update(steps=3, batch_size=8, learning_rate=0.05, warmup_steps=0)
+    c.checkpoint.every_steps = 3
+    c.eval.max_batches = 1
+    config = finalize(c)
+    run = tmp_path / "sweep" / "arms" / "lora-a"
+    train(config, run)
+    assert sweep_adapters(str(tmp_path / "sweep")) == {"lora-a": str(run)}
+
+    exp, _ = load_trained(config, run)
+    export_peft(exp.model, config.method, tmp_path / "peft")
+    reference = hf_peft.PeftModel.from_pretrained(
+        save_tiny(transformers.LlamaForCausalLM, tmp_path / "base-copy"), tmp_path / "peft")
+    reference = reference.merge_and_unload().eval()
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+
+    models = load_served(str(base_dir), max_batch=4, adapters=sweep_adapters(str(tmp_path / "sweep")))
+    assert [m.name for m in models] == ["tiny-lm", "lora-a"]
+    engine, row = models[0].queue, models[1].adapter
+    gen = engine.generator
+    rows = [(p, n, a) for p, n, _ in ROWS[:4] for a in (None, row)]
+    out = [f.result(timeout=300) for f in [engine.submit(
+        Request(gen.encode(p), SamplingParams(max_new_tokens=n), adapter=a or 0)) for p, n, a in rows]]
+    moved = 0
+    for (p, n, a), got in zip(rows, out):
+        want = hf_greedy(reference if a else base, gen.encode(p), n)
+        assert got.tokens == want, (p, a)
+        moved += a is not None and want != hf_greedy(base, gen.encode(p), n)
+    assert moved, "the trained adapter changed no continuation: the test would not see a wrong one"
