@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xla
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -156,7 +157,7 @@ def test_kill_and_resume_of_a_fused_run_is_exact(bert_dir, tmp_path):
 
     killed = tmp_path / "killed"
     cmd = sweep.group_command(str(config), [a for a, _ in arms], killed)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla.flags(1), PYTHONUNBUFFERED="1")  # same codegen as in-process
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = killed / "arms" / "b" / "metrics.jsonl"
     deadline = time.time() + 240

@@ -37,8 +37,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def program_key(config: ml_collections.ConfigDict) -> str | None:
     """A string equal for arms that fuse (their configs agree outside ``FUSABLE``), or None for
-    an arm that never fuses (a regulariser anchored at the arm's own start)."""
+    an arm that never fuses (a regulariser anchored at the arm's own start; W&B logging, which
+    keeps one W&B run per process)."""
     if config.regularizer.kind != "none" and config.regularizer.strength:
+        return None
+    if config.log.wandb:
         return None
     flat = _flat(config.to_dict())
     return json.dumps({k: v for k, v in flat.items() if k not in FUSABLE}, sort_keys=True, default=str)
