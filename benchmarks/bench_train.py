@@ -119,8 +119,10 @@ def ftjax_worker(case: dict[str, Any], batch: dict[str, np.ndarray], steps: int)
         model, _ = from_pretrained(smollm2_gguf_path(), mesh=mesh)
         inputs = _common.lm_batch(np.concatenate([batch["input_ids"], batch["targets"][:, -1:]], 1))
     else:
+        # pooler: what transformers' BertForSequenceClassification pools (ftjax's default for
+        # this sentence-transformers checkpoint is its own mean pooling)
         model, _ = from_pretrained(minilm_path(), head="sequence_classification", num_labels=2,
-                                   mesh=mesh)
+                                   mesh=mesh, pooling="pooler")
         b, t = batch["input_ids"].shape
         inputs = dict(input_ids=batch["input_ids"].astype(np.int32),
                       segment_ids=batch["attention_mask"].astype(np.int32),
