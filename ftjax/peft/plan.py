@@ -15,7 +15,23 @@ import jax
 import ml_collections
 from flax import nnx
 
+from ftjax.errors import FtjaxError
 from ftjax.peft import freezing, registry, surgery
+
+
+class MethodConfigError(FtjaxError, ValueError):
+    """A ``config.method`` that cannot work, or a trainer that cannot run the method."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHook:
+    """A method's own state beyond the parameters, updated inside the jitted train step (AdaLoRA's
+    importance scores and rank mask). The state lives in ``TrainState.method_state``, so it is
+    sharded, donated and checkpointed with the rest; ``update`` runs after the optimizer."""
+    init: Callable[[Any], Any]  # (trainable params) -> the initial state, arrays placed like them
+    # (new params, gradients, state, step) -> (params, state); ``step`` is the step just taken
+    update: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]
+    loss: Callable[[Any], jax.Array] | None = None  # (params) -> a term added to the loss
 
 
 @dataclasses.dataclass
@@ -26,6 +42,13 @@ class MethodPlan:
     # mask(tree, step) -> tree: zeroes frozen slices of gradients and of updates (unfreezing).
     grad_mask_fn: Callable[[Any, Any], Any] | None = None
     lr_scale: Any = None  # State of per-parameter LR multipliers (layer-wise decay)
+    step_hook: StepHook | None = None  # method state the train step updates (AdaLoRA)
+
+    def refuse_step_hook(self, trainer: str, instead: str) -> None:
+        """For a trainer that does not run ``step_hook``: refuse a method that needs it."""
+        if self.step_hook is not None:
+            raise MethodConfigError(f"{trainer} cannot train this method: it keeps state the train "
+                                    f"step updates (AdaLoRA's rank allocation); {instead}")
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``optim.make_optimizer``."""

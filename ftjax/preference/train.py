@@ -72,6 +72,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     model, tokenizer = _model(config)
     splits, report, quarantine = pdata.prepare(config.data, tokenizer)
     plan = peft.apply_method(model, config.method, tokenizer)
+    plan.refuse_step_hook("preference training", "choose another config.method.kind")
     graphdef, params, frozen = nnx.split(plan.model, plan.trainable, ...)
     if config.model.init_from:  # e.g. the SFT run a DPO run starts from (and takes as reference)
         params, frozen = warm_start.restore_trained(params, frozen, config.model.init_from)

@@ -175,6 +175,7 @@ def build_group(arms: Sequence[tuple[str, ml_collections.ConfigDict, epath.Path]
     own_frozen: list[dict[int, jax.Array]] = []  # per arm: its leaves that differ from arm 0's
     for i, (name, config, workdir) in enumerate(arms):
         exp = build(config, mesh=mesh)
+        exp.plan.refuse_step_hook("fused sweep arms", "run the sweep with --fuse=off")
         tx = optim.make_optimizer(config.train, **exp.plan.optimizer_kwargs())
         if i == 0:
             ref, ref_tx = exp, tx

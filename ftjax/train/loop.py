@@ -72,19 +72,22 @@ def init_state(exp: Experiment, tx) -> TrainState:
 
     The moments' shardings are given explicitly: ``zeros_like`` carries no sharding, so left to
     XLA every Adam moment came out replicated on every device (an FSDP run's optimizer state
-    then cost ``devices`` times its share)."""
+    then cost ``devices`` times its share). A method's own state (``plan.step_hook``) starts
+    where its ``init`` placed it."""
     replicated = NamedSharding(exp.mesh, P())
+    hook = exp.plan.step_hook
+    method_state = hook.init(exp.params) if hook is not None else None
     params_sharding = jax.tree.map(lambda x: x.sharding, exp.params)
     opt_sharding = optax.tree_map_params(
         tx, lambda _, s: s, jax.eval_shape(tx.init, exp.params), params_sharding,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     out = TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                     rng=replicated)
-    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                        opt_state=tx.init(p),
-                                        rng=jax.random.key(exp.config.train.seed)),
-                   out_shardings=out)(exp.params)
+                     rng=replicated, method_state=jax.tree.map(lambda x: x.sharding, method_state))
+    return jax.jit(lambda p, m: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                           opt_state=tx.init(p),
+                                           rng=jax.random.key(exp.config.train.seed), method_state=m),
+                   out_shardings=out)(exp.params, method_state)
 
 
 def write_eval(workdir: epath.Path, metrics: dict, step: int) -> None:
@@ -120,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
                         schedule=optim.schedule_shape(t), grad_mask_fn=exp.plan.grad_mask_fn,
                         extra_loss_fn=regularizers.from_config(config, exp),
-                        num_tasks=exp.pipe.info.num_tasks),
+                        num_tasks=exp.pipe.info.num_tasks, step_hook=exp.plan.step_hook),
         in_shardings=(state_sharding, frozen_sharding, None),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
 

@@ -29,6 +29,7 @@ class TrainState:
     params: Any  # nnx.State of the trainable parameters
     opt_state: Any
     rng: jax.Array
+    method_state: Any = None  # a method's own state beyond the params (peft.plan.StepHook)
 
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -108,13 +109,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     schedule: Callable[[Any], Any] | None = None,
                     grad_mask_fn: Callable[[Any, jax.Array], Any] | None = None,
                     extra_loss_fn: Callable[[Any], jax.Array] | None = None,
-                    num_tasks: int = 0):
+                    num_tasks: int = 0, step_hook: Any = None):
     """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
 
     ``grad_mask_fn(grads, step)`` may zero gradients (gradual unfreezing); ``extra_loss_fn(params)``
     adds a regulariser (e.g. L2-SP, EWC) to the mean loss. With ``num_tasks`` > 1 (a mixture) the
     metrics add ``task_loss``, ``task_accuracy`` and ``task_weight``, each ``[num_tasks]``.
+    A method's ``step_hook`` (``peft.plan.StepHook``) adds its ``loss`` and, after the optimizer,
+    updates ``state.method_state`` (and may change the new params) from the gradients.
     """
+    if step_hook is not None and step_hook.loss is not None:
+        extra_loss_fn = step_hook.loss if extra_loss_fn is None else (
+            lambda p, f=extra_loss_fn, g=step_hook.loss: f(p) + g(p))
 
     def loss_sum(params, frozen, micro, rng):
         model = training_model(graphdef, params, frozen, rng)
@@ -159,13 +165,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        method_state = state.method_state
+        if step_hook is not None:
+            params, method_state = step_hook.update(params, grads, method_state, state.step)
         lr = optim.peak_learning_rate(opt_state)
         if schedule is not None:
             lr = lr * schedule(state.step)
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=lr, weight=weight,
                        accuracy=correct / denom, **per_task)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=jax.random.fold_in(state.rng, state.step))
+                                  rng=jax.random.fold_in(state.rng, state.step),
+                                  method_state=method_state)
         return new_state, metrics
 
     return step
