@@ -75,8 +75,7 @@ def setup(plan: peft.MethodPlan, tcfg: ml_collections.ConfigDict, loss_kind: str
     state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                          opt_state=tx.init(p), rng=jax.random.key(0)))(params)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(make_train_step(graphdef, tx, kind=loss_kind, grad_mask_fn=plan.grad_mask_fn),
-                   out_shardings=(shardings, None))
+    step = jax.jit(make_train_step(graphdef, tx, kind=loss_kind), out_shardings=(shardings, None))
     return state, frozen, step
 
 

@@ -39,7 +39,8 @@ class MethodPlan:
     """What a method did to the model and how the optimizer must treat the trainable state."""
     model: nnx.Module
     trainable: Any  # nnx filter
-    # mask(tree, step) -> tree: zeroes frozen slices of gradients and of updates (unfreezing).
+    # mask(tree, step) -> tree: zeroes frozen slices (unfreezing); the optimizer applies it to
+    # the gradients and the updates (optim.make_optimizer's mask_fn).
     grad_mask_fn: Callable[[Any, Any], Any] | None = None
     lr_scale: Any = None  # State of per-parameter LR multipliers (layer-wise decay)
     step_hook: StepHook | None = None  # method state the train step updates (AdaLoRA)
@@ -52,7 +53,7 @@ class MethodPlan:
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``optim.make_optimizer``."""
-        return dict(lr_scale=self.lr_scale, update_mask_fn=self.grad_mask_fn)
+        return dict(lr_scale=self.lr_scale, mask_fn=self.grad_mask_fn)
 
 
 @dataclasses.dataclass

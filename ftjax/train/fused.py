@@ -222,19 +222,16 @@ def make_fused_step(group: Group):
     """``jit(step(state, shared_frozen, arm_frozen, batch) -> (state, metrics))``: ``train.step``
     vmapped over the arms, each metric ``[arms]``."""
     exp, c = group.exp, group.arms[0].config
-    plan_mask = exp.plan.grad_mask_fn
 
     def one(state, shared, arm_frozen, batch, masks):
         def mask_grads(grads, step):
-            if plan_mask is not None:
-                grads = plan_mask(grads, step)
             leaves = [g * masks[str(j)] if str(j) in masks else g
                       for j, g in enumerate(jax.tree.leaves(grads))]
             return jax.tree.unflatten(jax.tree.structure(grads), leaves)
 
         step = make_train_step(exp.graphdef, group.tx, kind=exp.kind, grad_accum=c.train.grad_accum,
                                schedule=optim.schedule_shape(c.train),
-                               grad_mask_fn=mask_grads if (masks or plan_mask) else None,
+                               grad_mask_fn=mask_grads if masks else None,
                                num_tasks=exp.pipe.info.num_tasks)
         return step(state, _frozen(group, shared, arm_frozen), batch)
 

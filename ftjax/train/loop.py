@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     frozen_sharding = jax.tree.map(lambda x: x.sharding, exp.frozen)
     step_fn = jax.jit(
         make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
-                        schedule=optim.schedule_shape(t), grad_mask_fn=exp.plan.grad_mask_fn,
+                        schedule=optim.schedule_shape(t),
                         extra_loss_fn=regularizers.from_config(config, exp),
                         num_tasks=exp.pipe.info.num_tasks, step_hook=exp.plan.step_hook),
         in_shardings=(state_sharding, frozen_sharding, None),

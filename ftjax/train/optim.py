@@ -8,7 +8,7 @@ including the decoupled weight decay, exactly as ``optax.adamw(schedule)`` does.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +42,41 @@ def schedule_shape(train_cfg: ml_collections.ConfigDict) -> Callable[[Any], Any]
     return shape
 
 
+class UnfreezeState(NamedTuple):
+    """The unfreezing mask's state: the step it masks and the norm of the gradient it left."""
+    count: jax.Array
+    grad_norm: jax.Array
+
+
+def _unfreezing(mask_fn: Callable[[Any, jax.Array], Any]
+                ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """The first and last links of the chain for ``mask_fn(tree, step)``: the gradient is masked
+    before clipping and the moments see it, the update after weight decay, so frozen slices stay
+    bitwise unchanged and start with fresh moments when they unfreeze."""
+    def mask_grads(g, s, p=None):
+        g = mask_fn(g, s.count)
+        return g, UnfreezeState(count=s.count + 1, grad_norm=optax.tree.norm(g))
+
+    def mask_updates(u, s, p=None):
+        return mask_fn(u, s.count), optax.ScaleByScheduleState(count=s.count + 1)
+
+    def count(_):
+        return jnp.zeros([], jnp.int32)
+
+    return (optax.GradientTransformation(lambda p: UnfreezeState(count(p), jnp.zeros([])), mask_grads),
+            optax.GradientTransformation(lambda p: optax.ScaleByScheduleState(count(p)), mask_updates))
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: Any = None,
                    lr_scale: Any = None,
-                   update_mask_fn: Callable[[Any, jax.Array], Any] | None = None
+                   mask_fn: Callable[[Any, jax.Array], Any] | None = None
                    ) -> optax.GradientTransformation:
-    """clip -> AdamW/SGD (peak lr in state) -> schedule shape [-> per-parameter lr scale]
-    [-> update mask].
+    """[unfreezing mask ->] clip -> AdamW/SGD (peak lr in state) -> schedule shape
+    [-> per-parameter lr scale] [-> unfreezing mask].
 
     ``lr_scale`` is an optional pytree of per-parameter multipliers (layer-wise LR decay);
-    ``update_mask_fn(updates, step)`` zeroes updates of frozen slices (gradual unfreezing), weight
-    decay included, so they stay bitwise unchanged.
+    ``mask_fn(tree, step)`` zeroes the frozen slices (partial and gradual unfreezing) of the
+    gradient and of the update (see ``_unfreezing``): the one place a method's mask applies.
     """
     kind = train_cfg.optimizer
     if kind == "adamw":
@@ -64,6 +89,9 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: A
     else:
         raise ValueError(f"config.train.optimizer={kind!r}; choose from {OPTIMIZERS}")
     parts = []
+    if mask_fn is not None:
+        first, last = _unfreezing(mask_fn)
+        parts.append(first)
     if float(train_cfg.grad_clip) > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
     parts += [inner, optax.scale_by_schedule(schedule_shape(train_cfg))]
@@ -71,16 +99,21 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, *, weight_decay_mask: A
         parts.append(optax.GradientTransformation(
             lambda _: optax.EmptyState(),
             lambda u, s, p=None: (jax.tree.map(lambda x, k: x * k, u, lr_scale), s)))
-    if update_mask_fn is not None:
-        parts.append(optax.GradientTransformation(
-            lambda _: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
-            lambda u, s, p=None: (update_mask_fn(u, s.count),
-                                  optax.ScaleByScheduleState(count=s.count + 1))))
+    if mask_fn is not None:
+        parts.append(last)
     return optax.chain(*parts)
 
 
 def _is_injected(part: Any) -> bool:
     return hasattr(part, "hyperparams") and hasattr(part, "inner_state")
+
+
+def grad_norm(opt_state: Any, grads: Any) -> Any:
+    """The global norm of the gradient the optimizer took: after the unfreezing mask, if any."""
+    for part in opt_state:
+        if isinstance(part, UnfreezeState):
+            return part.grad_norm
+    return optax.tree.norm(grads)
 
 
 def peak_learning_rate(opt_state: Any) -> Any:

@@ -112,7 +112,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     num_tasks: int = 0, step_hook: Any = None):
     """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
 
-    ``grad_mask_fn(grads, step)`` may zero gradients (gradual unfreezing); ``extra_loss_fn(params)``
+    ``grad_mask_fn(grads, step)`` may zero gradients (the fused arms' padding; a method's
+    unfreezing mask is the optimizer's, see ``optim.make_optimizer``); ``extra_loss_fn(params)``
     adds a regulariser (e.g. L2-SP, EWC) to the mean loss. With ``num_tasks`` > 1 (a mixture) the
     metrics add ``task_loss``, ``task_accuracy`` and ``task_weight``, each ``[num_tasks]``.
     A method's ``step_hook`` (``peft.plan.StepHook``) adds its ``loss`` and, after the optimizer,
@@ -162,8 +163,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
             grads = jax.tree.map(jnp.add, grads, reg_grads)
         if grad_mask_fn is not None:
             grads = grad_mask_fn(grads, state.step)
-        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optim.grad_norm(opt_state, grads)
         params = optax.apply_updates(state.params, updates)
         method_state = state.method_state
         if step_hook is not None:
