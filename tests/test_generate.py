@@ -1,5 +1,6 @@
 """KV-cache generation: cache == no-cache logits per family, the decode loop vs a naive greedy
-loop, sampling distributions vs numpy, stop strings, buckets, and SmolLM2 vs transformers."""
+loop, sampling distributions vs numpy, stop strings, buckets
+(SmolLM2-135M's greedy batch vs transformers' generate: test_gguf.py, beside its GGUF load)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 from ftjax.generate import Generator, Request, SamplingParams, decode
 from ftjax.generate.decode import cache_dims
 from ftjax.generate.sampling import SamplingArrays, sample
 from ftjax.generate.text import TextStream
-from ftjax.models.assets import smollm2_gguf_path
 from ftjax.models.kv_cache import KVCache
 from ftjax.models.loading import from_pretrained
 from test_gguf import tiny_bpe_tokenizer
@@ -216,36 +214,3 @@ def test_generator_rejects_prompts_longer_than_the_context():
     gen = Generator(model, tiny_bpe_tokenizer(128))
     with pytest.raises(ValueError, match="exceeds the context of 512"):
         gen.generate([Request([5] * 500, SamplingParams(max_new_tokens=20))])
-
-
-# ---------------------------------------------------------------------------------------------
-# Real weights: SmolLM2-135M-Instruct vs transformers' generate on the same GGUF
-# ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_gguf_path()
-    model, tokenizer = from_pretrained(path, mesh=one_device_mesh())
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    return Generator(model, tokenizer), ref, tokenizer
-
-
-@pytest.mark.slow
-def test_smollm2_batched_greedy_equals_transformers_generate(smollm2):
-    gen, ref, tokenizer = smollm2
-    prompts = [gen.chat_prompt([{"role": "user", "content": "What is 2+2?"}]),
-               gen.encode("The capital of France is")]
-    assert len(prompts[0]) > len(prompts[1]) + 20  # left padding really happens
-    steps = 12
-    ours = gen.generate([Request(p, SamplingParams(max_new_tokens=steps)) for p in prompts])
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-    with torch.no_grad():
-        theirs = ref.generate(**batch, max_new_tokens=steps, do_sample=False)
-    eos = tokenizer.eos_token_id
-    for got, row in zip(ours, theirs[:, batch["input_ids"].shape[1]:].tolist()):
-        expected = row[:row.index(eos)] if eos in row else row
-        assert got.tokens == expected, (got.text, tokenizer.decode(expected))
-        assert got.finish_reason == ("stop" if eos in row else "length")
-    assert ours[0].text.strip().endswith("4.") and ours[0].finish_reason == "stop"  # EOS mid-batch

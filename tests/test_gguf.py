@@ -1,12 +1,11 @@
-"""GGUF: SmolLM2-135M (Q4_1) vs transformers' own GGUF loader, and the F32/F16/BF16 export round trip."""
+"""GGUF: SmolLM2-135M (Q4_1) vs transformers' own GGUF loader (logits, and greedy generation of a
+left-padded batch), and the F32/F16/BF16 export round trip."""
 
 from __future__ import annotations
 
 import resource
 
 import gguf
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ftjax.export import save_gguf
+from ftjax.generate import Generator, Request, SamplingParams
 from ftjax.models import gguf_io
 from ftjax.models.assets import smollm2_gguf_path
 from ftjax.models.loading import from_pretrained
@@ -53,20 +53,26 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, record_property):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_match_transformers(smollm2):
-    model, tokenizer, ref, ids, _ = smollm2
-    steps, t = 10, ids.shape[1]
-    buf = np.zeros((1, t + steps), np.int64)
-    buf[0, :t] = ids[0]
-    forward = jax.jit(lambda x, m: model(x, m))
-    for i in range(steps):  # fixed shape: one compile; the mask hides the unfilled tail
-        mask = (np.arange(t + steps) < t + i)[None].astype(np.int32)
-        logits = forward(jnp.asarray(buf), jnp.asarray(mask))
-        buf[0, t + i] = int(jnp.argmax(logits[0, t + i - 1]))
+def test_smollm2_batched_greedy_equals_transformers_generate(smollm2):
+    """ftjax's Generator (KV cache, left-padded batch) on the GGUF load, token for token against
+    transformers' generate on its own load of the same file."""
+    model, tokenizer, ref, _, _ = smollm2
+    gen = Generator(model, tokenizer)
+    prompts = [gen.chat_prompt([{"role": "user", "content": "What is 2+2?"}]),
+               gen.encode("The capital of France is")]
+    assert len(prompts[0]) > len(prompts[1]) + 20  # left padding really happens
+    steps = 12
+    ours = gen.generate([Request(p, SamplingParams(max_new_tokens=steps)) for p in prompts])
+    tokenizer.padding_side = "left"
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.no_grad():
-        expected = ref.generate(torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
-                                max_new_tokens=steps, do_sample=False)[0, t:].numpy()
-    assert buf[0, t:].tolist() == expected.tolist(), tokenizer.decode(buf[0, t:])
+        theirs = ref.generate(**batch, max_new_tokens=steps, do_sample=False)
+    eos = tokenizer.eos_token_id
+    for got, row in zip(ours, theirs[:, batch["input_ids"].shape[1]:].tolist()):
+        expected = row[:row.index(eos)] if eos in row else row
+        assert got.tokens == expected, (got.text, tokenizer.decode(expected))
+        assert got.finish_reason == ("stop" if eos in row else "length")
+    assert ours[0].text.strip().endswith("4.") and ours[0].finish_reason == "stop"  # EOS mid-batch
 
 
 def tiny_bpe_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
