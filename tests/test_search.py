@@ -1,4 +1,4 @@
-"""Search: the spec, the driver (parallel trials, SIGTERM) on fake runs, and a real tiny 6-trial
+"""Search: the spec, the driver (parallel trials, SIGTERM) on fake runs, and a real tiny 4-trial
 search that prunes, is killed, resumes and reports."""
 
 import csv
@@ -175,8 +175,12 @@ def get_config(arg=None):
 def search():
     return dict(space={{"train.learning_rate": ("loguniform", 1e-5, 3e-2),
                         "train.weight_decay": ("uniform", 0.0, 0.1)}},
-                trials=6, pruner={{"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 3}})
+                trials={trials}, pruner={{"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 3}})
 '''
+
+
+# Two the pruner never judges (n_startup_trials), two it may prune: each trial is a train process.
+TRIALS = 4
 
 
 def _starting(text: str) -> list[str]:
@@ -185,7 +189,7 @@ def _starting(text: str) -> list[str]:
 
 def test_search_prunes_resumes_after_kill_and_reports(tmp_path):
     config = tmp_path / "search_config.py"
-    config.write_text(SEARCH_CONFIG.format(repo=str(REPO)))
+    config.write_text(SEARCH_CONFIG.format(repo=str(REPO), trials=TRIALS))
     workdir = tmp_path / "search"
     cmd = [sys.executable, str(REPO / "scripts" / "sweep.py"),
            f"--config={config}", f"--workdir={workdir}", "--search"]
@@ -212,14 +216,14 @@ def test_search_prunes_resumes_after_kill_and_reports(tmp_path):
     # The finished trial was read back, not run again; the one killed mid-run went on from its
     # checkpoint.
     assert _starting(first_out) == ["trial-000", "trial-001"]
-    assert _starting(second.stdout) == ["trial-001", "trial-002", "trial-003", "trial-004", "trial-005"]
+    assert _starting(second.stdout) == [f"trial-{n:03d}" for n in range(1, TRIALS)]
     assert (arms / "trial-000" / "run_summary.json").stat().st_mtime_ns == finished_before
     assert "resumed from" in (arms / "trial-001" / "train.log").read_text()
 
     # The study optuna stored, read back independently of the driver.
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{workdir / 'study.db'}")
     trials = study.trials
-    assert len(trials) == 6
+    assert len(trials) == TRIALS
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "no trial was pruned"
@@ -242,12 +246,12 @@ def test_search_prunes_resumes_after_kill_and_reports(tmp_path):
 
     # The report: every trial, pruned ones with their step, the best configuration, importances.
     rows = list(csv.DictReader(open(workdir / "trials.csv")))
-    assert [int(r["number"]) for r in rows] == list(range(6))
+    assert [int(r["number"]) for r in rows] == list(range(TRIALS))
     assert {int(r["number"]): int(r["pruned_at_step"]) for r in rows if r["state"] == "pruned"} == {
         t.number: t.last_step for t in pruned}
     report = (workdir / "search_report.md").read_text()
     assert f"Best: trial {best.number} (`arms/{best.user_attrs['arm']}`)" in report
     assert f"--config.train.learning_rate={best.params['train.learning_rate']}" in report
-    assert sum(line.startswith(f"| {t.number} | ") for t in trials for line in report.splitlines()) == 6
+    assert sum(line.startswith(f"| {t.number} | ") for t in trials for line in report.splitlines()) == TRIALS
     assert (workdir / "param_importance.png").stat().st_size > 1000
     assert (workdir / "intermediate_values.png").stat().st_size > 1000
