@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,
         remat="none",  # none | full | dots | dots_no_batch
+        # What a BERT-family sequence classifier classifies: cls | mean | pooler; "" = what the
+        # checkpoint says (sentence-transformers' 1_Pooling/config.json), else the pooler.
+        pooling="",
         allow_pickle=False,  # opt-in for pickled torch .bin checkpoints
         overrides=ml_collections.ConfigDict(),  # architecture overrides for presets
         init_from="",  # a previous run's workdir: its trained weights start this run

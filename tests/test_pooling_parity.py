@@ -1,6 +1,7 @@
-"""Pooling of BERT sequence classifiers (``pooling = pooler | cls | mean``) against the same
-classifier applied in torch to transformers' hidden states, mean pooled as sentence-transformers
-does; the default comes from a sentence-transformers ``1_Pooling/config.json`` (atol 1e-5)."""
+"""Pooling of BERT sequence classifiers (``config.model.pooling = pooler | cls | mean``) against
+the same classifier applied in torch to transformers' hidden states, mean pooled as
+sentence-transformers does; the default comes from a sentence-transformers
+``1_Pooling/config.json`` (atol 1e-5); a value or a model that cannot pool is one clear error."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from ftjax import sharding
-from ftjax.models.loading import from_pretrained
+from ftjax import models, sharding
+from ftjax.config import base_config
 
 IDS = np.array([[2, 5, 7, 9, 4, 6], [3, 8, 6, 0, 0, 0]])
 MASK = (IDS != 0).astype(np.int64)
@@ -36,9 +37,15 @@ def saved(tmp_path_factory):
     return folder, want
 
 
-def _logits(folder, **overrides) -> tuple[np.ndarray, str]:
-    model, _ = from_pretrained(folder, mesh=sharding.make_mesh({}, devices=jax.devices()[:1]),
-                               **overrides)
+def _model_cfg(source, pooling: str = "", head: str = "sequence_classification"):
+    c = base_config().model
+    c.update(source=str(source), head=head, pooling=pooling)
+    return c
+
+
+def _logits(folder, pooling: str = "") -> tuple[np.ndarray, str]:
+    model, _ = models.create(_model_cfg(folder, pooling),
+                             sharding.make_mesh({}, devices=jax.devices()[:1]), num_labels=3)
     return np.asarray(model(IDS, MASK)), model.model.cfg.pooling
 
 
@@ -61,3 +68,21 @@ def test_sentence_transformers_pooling_config_sets_the_default(saved, tmp_path):
     got, pooling = _logits(tmp_path)
     assert pooling == "mean"
     np.testing.assert_allclose(got, want["mean"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source,pooling,head,error", [
+    ("tiny-bert", "maen", "sequence_classification",
+     r"config.model.pooling='maen'; choose from pooler, cls, mean or ''"),
+    ("tiny-bert", "mean", "causal_lm", r"pooling='mean' is for sequence_classification heads"),
+    ("tiny-llama", "mean", "sequence_classification", r"llama models have no setting 'pooling'"),
+])
+def test_a_pooling_the_model_cannot_take_says_so(source, pooling, head, error):
+    with pytest.raises(models.ModelConfigError, match=error):
+        models.create(_model_cfg(source, pooling, head), sharding.make_mesh({}, devices=jax.devices()[:1]))
+
+
+def test_the_key_and_the_old_override_spelling_must_agree():
+    c = _model_cfg("tiny-bert", "cls")
+    c.overrides.pooling = "mean"
+    with pytest.raises(models.ModelConfigError, match="set config.model.pooling only"):
+        models.create(c, sharding.make_mesh({}, devices=jax.devices()[:1]))

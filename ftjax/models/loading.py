@@ -43,6 +43,10 @@ class CheckpointError(FtjaxError, ValueError):
     """A checkpoint that does not fit the model; the message names the offending tensors."""
 
 
+class ModelConfigError(FtjaxError, ValueError):
+    """A model setting (``config.model``, a ``from_pretrained`` keyword) the model cannot take."""
+
+
 class TensorSource(Protocol):
     """Named tensors in Hugging Face naming, read one at a time."""
 
@@ -262,12 +266,22 @@ def checkpoint_head(family: registry.Family, d: dict) -> str:
     return "causal_lm" if family.causal else "encoder"
 
 
+def replace_config(family: registry.Family, cfg: Any, **fields: Any) -> Any:
+    """``dataclasses.replace(cfg, **fields)``, refusing a field the family's config does not have."""
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        hint = (" (only BERT-family classifiers pool; the others classify their last token)"
+                if "pooling" in unknown else "")
+        raise ModelConfigError(f"{family.name} models have no setting {', '.join(map(repr, unknown))}{hint}")
+    return dataclasses.replace(cfg, **fields)
+
+
 def _config(d: dict, head: str | None, num_labels: int, dtype: str, param_dtype: str,
             overrides: dict) -> tuple[registry.Family, Any, str, int]:
     family = registry.family_for_model_type(d.get("model_type", "<missing>"))
     head = head or checkpoint_head(family, d)
     cfg = family.from_hf_config(d)
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
+    cfg = replace_config(family, cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
     if head not in ("causal_lm", "encoder", "masked_lm") and not num_labels:
         num_labels = len(d.get("id2label") or {})
         if not num_labels:
@@ -315,7 +329,7 @@ def from_pretrained(source: str | Path, *, head: str | None = None, num_labels: 
     if not path.is_dir():
         if str(source) in registry.PRESETS:
             family, cfg = registry.get_preset(str(source))
-            cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
+            cfg = replace_config(family, cfg, dtype=dtype, param_dtype=param_dtype, **overrides)
             head = head or checkpoint_head(family, {})
             return registry.init_sharded(
                 lambda rngs: family.build(cfg, head, num_labels, rngs), mesh, seed), None
