@@ -15,7 +15,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import numpy as np
 import peft as hf_peft
 import pytest
 import torch
@@ -78,7 +77,7 @@ def test_mixed_adapter_batch_equals_each_adapter_merged_alone_and_compiles_per_b
     traced = {k: slots.TRACES[k] - before[k] for k in before}
     for (p, n, a), got in zip(ROWS, first):  # 8 rows through 4 slots: rows join as others leave
         assert got.tokens == hf_greedy(refs[a], gen.encode(p), n), (p, a)
-    # compiles: one prefill per prompt bucket (16, 32), one step per slot-cache shape bucket
+    # compiles: one prefill per prompt bucket (16, 32), one step per live-row bucket (1, 2, 4)
     assert traced["prefill"] == 2 and 1 <= traced["step"] <= 3, traced
     again = [f.result(timeout=300) for f in [engine.submit(r) for r in reversed(requests)]]
     assert [g.tokens for g in reversed(again)] == [g.tokens for g in first]
@@ -106,6 +105,38 @@ def test_seeds_and_stop_strings_as_the_static_generator(served):
     pieces: list[str] = []
     streamed = engine.submit(Request(prompts[1], sampled[1], on_text=pieces.append)).result(300)
     assert "".join(pieces) == streamed.text == ours[1].text
+
+
+def test_rows_move_to_the_front_and_the_cache_ring_wraps_and_grows(served, monkeypatch):
+    """Two slots on a ring of 32 columns: a finished row's slot takes the last live row (``move``),
+    the step runs over 1 or 2 rows, prompts are placed round the end of the ring (``insert``
+    wraps), and a 32-token prompt grows the ring (``resize`` unrolls it) while another row
+    decodes. Every row equals transformers' greedy ``generate`` on its adapter merged alone."""
+    from ftjax.serve.continuous import ContinuousBatcher
+    models, refs = served
+    gen, index = models[0].queue.generator, {m.name: m.adapter for m in models[1:]}
+    calls = []
+    for name, arg in (("step", 3), ("insert", 3), ("move", None), ("resize", 1)):
+        real = getattr(slots, name)
+        monkeypatch.setattr(slots, name, lambda *a, _f=real, _n=name, _i=arg, **k: (
+            calls.append((_n, None if _i is None else int(a[_i]), k.get("length"))),
+            _f(*a, **k))[1])
+    engine = ContinuousBatcher(gen, slots=2, min_length=16)  # a ring of 32 for 16-token prompts
+    short = [(p, a) for p, _, a in ROWS if len(gen.encode(p)) <= 16]
+    rows = [short[i % len(short)] + (n,) for i, n in enumerate((16, 3, 15, 16, 14, 5, 16, 12))]
+    rows.append((ROWS[3][0], None, 6))  # prompt bucket 32: 33 columns needed
+    before = dict(slots.TRACES)
+    out = [f.result(timeout=300) for f in [engine.submit(Request(
+        gen.encode(p), SamplingParams(max_new_tokens=n), adapter=index.get(a, 0)))
+        for p, a, n in rows]]
+    for (p, a, n), got in zip(rows, out):
+        assert got.tokens == hf_greedy(refs[a], gen.encode(p), n), (p, a, n)
+    names = [c[0] for c in calls]
+    resized = [c for c in calls if c[0] == "resize"]
+    assert "move" in names and len(resized) == 1 and resized[0][2] == 64, calls
+    assert any(0 < i < 16 for n, i, _ in calls if n == "insert"), calls  # a prompt wrapped round
+    traced = {k: slots.TRACES[k] - before[k] for k in before}
+    assert traced["prefill"] <= 2 and traced["step"] <= 4, traced  # (1 or 2 rows) x (32, 64)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ then one jitted ``step`` advances every live slot by a token, and a row that fin
 token or string, ``max_new_tokens``, a client gone) frees its slot at once for the next request,
 instead of waiting for the whole batch. Sampling, seeds, stop strings and results are those of
 ``Generator`` (a row's ``k``-th draw uses ``fold_in(seed, k)`` whatever else is decoding).
-The slot cache grows by shape buckets (slots, length: powers of two) as rows need it; when
-idle its rows are released and its length is kept, so a server settles on a few shapes. With
+The live rows are kept at the front of the slot cache (a finished row's slot takes the last live
+row), and the step runs over a power-of-two bucket of them, so its cost follows the load: one
+compile per bucket. The cache length grows by buckets (powers of two) as rows need it; when idle
+the cache is released and its length is kept, so a server settles on a few shapes. With
 ``warmup_len`` every shape a request of up to that many tokens needs is compiled up front.
 """
 
@@ -37,7 +39,7 @@ class _Live:
     future: Future
     row: Row
     submitted: float
-    length: int  # cache entries of the slot (its next write index)
+    length: int  # cache columns the row holds (its prompt bucket + the tokens fed since)
     position: int  # position of the last token
     tokens: list[int] = dataclasses.field(default_factory=list)
     ttft_s: float | None = None
@@ -57,8 +59,9 @@ class ContinuousBatcher:
             raise ValueError(f"slots={slots} must be >= 1")
         self.generator, self.slots = generator, slots
         self._queue: queue.Queue[tuple[Request, Future, float]] = queue.Queue()
-        self._live: dict[int, _Live] = {}
+        self._live: list[_Live] = []  # row i of the cache holds _live[i]
         self._cache: device.Slots | None = None
+        self._index = 0  # steps taken on the cache's timeline: the next write is at index % length
         self._length = min_length  # the cache length to start from (grows, never shrinks)
         if warmup_len:
             self._warmup(warmup_len)
@@ -85,7 +88,7 @@ class ContinuousBatcher:
     def _run(self) -> None:
         while True:
             if not self._live:
-                self._cache = None  # idle: free the rows; the next burst starts with one
+                self._cache = None  # idle: free the rows; the next burst starts a new timeline
                 self._admit(*self._queue.get())
             while len(self._live) < self.slots:
                 try:
@@ -96,7 +99,7 @@ class ContinuousBatcher:
                 self._step()
 
     def _admit(self, request: Request, future: Future, submitted: float) -> None:
-        """Prefill ``request`` into the lowest free slot and emit its first token."""
+        """Prefill ``request`` into the first free slot and emit its first token."""
         gen = self.generator
         try:
             gen.check(request.prompt, request.params)
@@ -107,85 +110,95 @@ class ContinuousBatcher:
             ids = np.full((1, t), gen.pad_id, np.int32)
             mask = np.zeros((1, t), np.int32)
             ids[0, t - n:], mask[0, t - n:] = request.prompt, 1
-            slot = min(set(range(self.slots)) - set(self._live))
-            self._fit(slot + 1, t + 1)
+            self._fit(t + 1)
             first, kv = device.prefill(gen.graphdef, gen.state, ids, mask,
                                        np.array([request.adapter], np.int32),
                                        SamplingArrays.stack([request.params]))
-            self._cache = device.insert(self._cache, kv, np.int32(slot))
+            self._cache = device.insert(self._cache, kv, np.int32(len(self._live)),
+                                        np.int32(self._index % self._cache.shape[1]))
             first = int(np.asarray(first)[0])
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
             future.set_exception(e)
             return
         row = Row(TextStream(gen.tokenizer, request.params.stop), request.on_text,
                   set(gen.stop_ids(request.params)), request.cancelled)
-        self._live[slot] = _Live(request, future, row, submitted, length=t, position=n - 1)
-        self._emit(slot, first)
+        live = _Live(request, future, row, submitted, length=t, position=n - 1)
+        if not self._emit(live, first):
+            self._live.append(live)
 
-    def _fit(self, slots: int, length: int) -> None:
-        """Grow the slot cache (by buckets) to hold at least ``slots`` rows of ``length``."""
+    def _fit(self, length: int) -> None:
+        """Make the slot cache (all ``slots`` rows) at least ``length`` long, by buckets."""
         gen = self.generator
         self._length = max(self._length, min(bucket(length, 1), max(gen.max_len, length)))
-        want = (min(bucket(slots, 1), self.slots), self._length)
         if self._cache is None:
-            self._cache = device.empty(gen.cfg, *want)
-            return
-        want = (max(want[0], self._cache.shape[0]), want[1])
-        if want != self._cache.shape:
-            self._cache = device.resize(self._cache, slots=want[0], length=want[1])
+            self._cache, self._index = device.empty(gen.cfg, self.slots, self._length), 0
+        elif self._length > (old := self._cache.shape[1]):
+            self._cache = device.resize(self._cache, np.int32(self._index % old),
+                                        length=self._length)
+            self._index = old
 
     def _warmup(self, tokens: int) -> None:
-        """Compile every prefill, insert, resize and step a request of up to ``tokens`` (prompt +
+        """Compile every prefill, insert, move and step a request of up to ``tokens`` (prompt +
         new tokens) needs, and start the cache at the length they fit in."""
         gen = self.generator
         self._length = length = min(bucket(tokens, self._length), gen.max_len)
-        sizes = sorted({min(bucket(n, 1), self.slots) for n in range(1, self.slots + 1)})
-        prompts = [t for t in (gen.min_prompt_bucket << i for i in range(32)) if t < length]
+        cache = device.empty(gen.cfg, self.slots, length)
         params = SamplingArrays.stack([SamplingParams()])
-        for n in sizes:
-            cache = device.empty(gen.cfg, n, length)
-            for t in prompts:
-                ids = np.full((1, t), gen.pad_id, np.int32)
-                _, kv = device.prefill(gen.graphdef, gen.state, ids, np.ones_like(ids),
-                                       np.zeros(1, np.int32), params)
-                cache = device.insert(cache, kv, np.int32(0))
+        for t in (t for t in (gen.min_prompt_bucket << i for i in range(32)) if t < length):
+            ids = np.full((1, t), gen.pad_id, np.int32)
+            _, kv = device.prefill(gen.graphdef, gen.state, ids, np.ones_like(ids),
+                                   np.zeros(1, np.int32), params)
+            cache = device.insert(cache, kv, np.int32(0), np.int32(0))
+        cache = device.move(cache, np.int32(self.slots - 1), np.int32(0))
+        for n in sorted({min(bucket(n, 1), self.slots) for n in range(1, self.slots + 1)}):
             zeros = np.zeros(n, np.int32)
-            _, cache = device.step(gen.graphdef, gen.state, cache, zeros, zeros, zeros, zeros,
-                                   zeros, SamplingArrays.stack([SamplingParams()] * n))
-            for bigger in sizes[sizes.index(n) + 1:]:
-                device.resize(cache, slots=bigger, length=length)
+            _, cache = device.step(gen.graphdef, gen.state, cache, np.int32(0), zeros, zeros,
+                                   zeros, zeros, SamplingArrays.stack([SamplingParams()] * n))
 
     def _step(self) -> None:
-        """One decode step of every live slot."""
+        """One decode step of every live slot (over a bucket of the first rows)."""
         gen = self.generator
         live = self._live
-        self._fit(max(live) + 1, max(r.length for r in live.values()) + 1)
-        n = self._cache.shape[0]
-        tokens, positions, lengths, adapters, steps = (np.zeros(n, np.int32) for _ in range(5))
+        self._fit(max(r.length for r in live) + 1)
+        n = min(bucket(len(live), 1), self.slots)
+        tokens, positions, adapters, steps = (np.zeros(n, np.int32) for _ in range(4))
         params = [SamplingParams()] * n
-        for slot, r in live.items():
-            tokens[slot], positions[slot], lengths[slot] = r.tokens[-1], r.position + 1, r.length
-            adapters[slot], steps[slot], params[slot] = (r.request.adapter, len(r.tokens),
-                                                         r.request.params)
+        for i, r in enumerate(live):
+            tokens[i], positions[i], adapters[i], steps[i], params[i] = (
+                r.tokens[-1], r.position + 1, r.request.adapter, len(r.tokens), r.request.params)
         try:
-            drawn, self._cache = device.step(gen.graphdef, gen.state, self._cache, tokens,
-                                             positions, lengths, adapters, steps,
-                                             SamplingArrays.stack(params))
+            drawn, self._cache = device.step(
+                gen.graphdef, gen.state, self._cache, np.int32(self._index % self._cache.shape[1]),
+                tokens, positions, adapters, steps, SamplingArrays.stack(params))
             drawn = np.asarray(drawn)
         except Exception as e:  # noqa: BLE001 - fail the rows on the device, keep serving
             log.exception("decode step failed")
-            for r in live.values():
+            for r in live:
                 r.future.set_exception(e)
             live.clear()
             self._cache = None
             return
-        for slot, r in list(live.items()):
+        self._index += 1
+        for r in live:
             r.length, r.position = r.length + 1, r.position + 1
-            self._emit(slot, int(drawn[slot]))
+        self._release([i for i, r in enumerate(live) if self._emit(r, int(drawn[i]))])
 
-    def _emit(self, slot: int, token: int) -> None:
-        """Record ``slot``'s new token; finish the row (freeing the slot) when it is done."""
-        r = self._live[slot]
+    def _release(self, done: list[int]) -> None:
+        """Free the ``done`` slots: the last live rows move into them, so live rows stay first."""
+        live, gone = self._live, set(done)
+        source = len(live) - 1
+        for dest in sorted(gone):
+            while source > dest and source in gone:
+                source -= 1
+            if source <= dest:
+                break
+            self._cache = device.move(self._cache, np.int32(source), np.int32(dest))
+            live[dest] = live[source]
+            source -= 1
+        del live[len(live) - len(gone):]
+
+    def _emit(self, r: _Live, token: int) -> bool:
+        """Record ``r``'s new token; when the row is done, finish it and return True."""
         r.tokens.append(token)
         if r.ttft_s is None:
             r.ttft_s = time.perf_counter() - r.submitted
@@ -194,12 +207,12 @@ class ContinuousBatcher:
             r.row.send(r.row.stream.push(token))
         if not (by_token or len(r.tokens) >= r.request.params.max_new_tokens
                 or r.row.stream.stopped or r.request.cancelled.is_set()):
-            return
-        del self._live[slot]
+            return False
         try:
             result = finish(self.generator.tokenizer, r.row, r.tokens, len(r.request.prompt),
                             streamed=r.textual)
         except Exception as e:  # noqa: BLE001 - e.g. a listener that raised
             r.future.set_exception(e)
-            return
+            return True
         r.future.set_result(dataclasses.replace(result, ttft_s=r.ttft_s))
+        return True

@@ -1,11 +1,15 @@
-"""Device side of continuous batching: one KV cache row per decode slot, each at its own length.
+"""Device side of continuous batching: one KV cache row per decode slot, on one shared timeline.
 
-``prefill`` runs a new prompt alone (its own jitted call, one compile per prompt bucket) and
-``insert`` copies its keys/values into a free slot; ``step`` advances every slot by one token in
-one jitted call. The model's ``KVCache`` writes all rows at one index, so ``step`` maps the
-forward over slots (``jax.vmap``): each slot writes at its own length and attends to its own
-positions/segments, so a row decodes exactly as it would alone. ``resize`` grows the slot
-cache by shape buckets (slots and length, powers of two), so compiles stay bounded.
+Every row writes its next token at the same column, ``index`` (the step counter modulo the
+cache length ``S``), so ``step`` is the model's ordinary batched decode step: one forward over
+``[n, 1]`` tokens with per-row positions, exactly like ``ftjax.generate.decode``'s loop (no
+``vmap``, no per-row scatter). A row's own columns are told apart by their segment ids and
+positions, not by where they sit (attention masks by segment and position only), so the cache is
+a ring: ``insert`` places a prefilled prompt of ``T`` columns just before ``index`` (wrapping), and
+a row is safe as long as its prompt plus its new tokens fit in ``S``. ``step`` runs over the first
+``n`` rows only (``n``: a bucket of the live row count; the batcher keeps its live rows at the
+front with ``move``), so the work follows the load, one compile per bucket. ``resize`` unrolls
+the ring and grows it by length buckets (powers of two).
 """
 
 from __future__ import annotations
@@ -62,49 +66,65 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.
 
 
 @partial(jax.jit, donate_argnames=("slots",))
-def insert(slots: Slots, cache: KVCache, slot: jax.Array) -> Slots:
-    """``slots`` with row ``slot`` holding the prefilled ``cache`` (the rest of the row empty)."""
-    t, zero = cache.segments.shape[1], jnp.int32(0)
-    k = jax.lax.dynamic_update_slice(slots.k, cache.k.astype(slots.k.dtype), (zero, slot, zero, zero, zero))
-    v = jax.lax.dynamic_update_slice(slots.v, cache.v.astype(slots.v.dtype), (zero, slot, zero, zero, zero))
-    row = lambda x: jnp.zeros((1, slots.shape[1]), jnp.int32).at[:, :t].set(x)  # noqa: E731
-    return Slots(k, v, jax.lax.dynamic_update_slice(slots.positions, row(cache.positions), (slot, zero)),
-                 jax.lax.dynamic_update_slice(slots.segments, row(cache.segments), (slot, zero)))
+def insert(slots: Slots, cache: KVCache, slot: jax.Array, index: jax.Array) -> Slots:
+    """``slots`` with row ``slot`` holding the prefilled ``cache`` in the ``T`` columns before
+    ``index`` (wrapping round the ring); the rest of the row is empty."""
+    t, length = cache.segments.shape[1], slots.shape[1]
+    shift = jnp.mod(index - t, length)
+
+    def row(buf, x, axis):  # x's T columns at [0, T) of a zero row, rolled to end before index
+        full = jnp.zeros(buf.shape[:axis - 1] + (1, length) + buf.shape[axis + 1:], buf.dtype)
+        full = jax.lax.dynamic_update_slice_in_dim(full, x.astype(buf.dtype), 0, axis=axis)
+        start = [jnp.int32(0)] * buf.ndim
+        start[axis - 1] = slot
+        return jax.lax.dynamic_update_slice(buf, jnp.roll(full, shift, axis=axis), start)
+
+    return Slots(row(slots.k, cache.k, 2), row(slots.v, cache.v, 2),
+                 row(slots.positions, cache.positions, 1), row(slots.segments, cache.segments, 1))
 
 
-@partial(jax.jit, static_argnames=("slots", "length"))
-def resize(cache: Slots, *, slots: int, length: int) -> Slots:
-    """The cache padded (or cut) to ``slots`` rows of ``length``; the rows' contents are kept."""
-    n, s = cache.shape
+@partial(jax.jit, donate_argnames=("slots",))
+def move(slots: Slots, source: jax.Array, dest: jax.Array) -> Slots:
+    """``slots`` with row ``source`` copied into row ``dest`` (rows share one timeline, so a row
+    means the same wherever it sits)."""
+    def put(buf, axis):
+        start = [jnp.int32(0)] * buf.ndim
+        start[axis] = dest
+        return jax.lax.dynamic_update_slice(
+            buf, jax.lax.dynamic_slice_in_dim(buf, source, 1, axis=axis), start)
 
-    def fit(x, slot_axis, len_axis):
-        x = jax.lax.slice_in_dim(x, 0, min(n, slots), axis=slot_axis)
-        x = jax.lax.slice_in_dim(x, 0, min(s, length), axis=len_axis)
+    return Slots(put(slots.k, 1), put(slots.v, 1), put(slots.positions, 0), put(slots.segments, 0))
+
+
+@partial(jax.jit, static_argnames=("length",))
+def resize(cache: Slots, index: jax.Array, *, length: int) -> Slots:
+    """The cache unrolled (the column at ``index``, the oldest, first) and padded to ``length``
+    >= its own; the next write goes at column ``S`` (the old length)."""
+    def fit(x, axis):
         pad = [(0, 0)] * x.ndim
-        pad[slot_axis], pad[len_axis] = (0, slots - x.shape[slot_axis]), (0, length - x.shape[len_axis])
-        return jnp.pad(x, pad)
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(jnp.roll(x, -index, axis=axis), pad)
 
-    return Slots(fit(cache.k, 1, 2), fit(cache.v, 1, 2), fit(cache.positions, 0, 1),
-                 fit(cache.segments, 0, 1))
+    return Slots(fit(cache.k, 2), fit(cache.v, 2), fit(cache.positions, 1), fit(cache.segments, 1))
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def step(graphdef: nnx.GraphDef, state: nnx.State, cache: Slots, tokens: jax.Array,
-         positions: jax.Array, lengths: jax.Array, adapters: jax.Array, steps: jax.Array,
+def step(graphdef: nnx.GraphDef, state: nnx.State, cache: Slots, index: jax.Array,
+         tokens: jax.Array, positions: jax.Array, adapters: jax.Array, steps: jax.Array,
          params: SamplingArrays) -> tuple[jax.Array, Slots]:
-    """Feed every slot's last token (``tokens``, ``positions``, cache ``lengths``, ``adapters``:
-    ``[N]``) and draw each slot's next one (its ``steps``-th draw); free slots decode a dummy."""
+    """Feed the first ``n`` slots' last tokens (``tokens``, ``positions``, ``adapters``: ``[n]``),
+    written at column ``index``, and draw each one's next token (its ``steps``-th draw); rows past
+    the live ones decode a dummy. Rows from ``n`` on are left as they are."""
     TRACES["step"] += 1
     model = nnx.merge(graphdef, state)
-
-    def row(tok, pos, length, adapter, k, v, cpos, cseg):
-        kv = KVCache(k[:, None], v[:, None], cpos[None], cseg[None], length)
-        with adapter_rows(adapter[None]):
-            logits, kv = last_logits(model, tok[None, None], pos[None, None],
-                                     jnp.ones((1, 1), jnp.int32), kv)
-        return logits[0], kv.k[:, 0], kv.v[:, 0], kv.positions[0], kv.segments[0]
-
-    logits, k, v, cpos, cseg = jax.vmap(row, in_axes=(0, 0, 0, 0, 1, 1, 0, 0),
-                                        out_axes=(0, 1, 1, 0, 0))(
-        tokens, positions, lengths, adapters, *cache)
-    return sample(logits, steps, params), Slots(k, v, cpos, cseg)
+    n = tokens.shape[0]
+    rows = KVCache(cache.k[:, :n], cache.v[:, :n], cache.positions[:n], cache.segments[:n], index)
+    with adapter_rows(adapters):
+        logits, rows = last_logits(model, tokens[:, None], positions[:, None],
+                                   jnp.ones((n, 1), jnp.int32), rows)
+    zero = jnp.int32(0)
+    cache = Slots(jax.lax.dynamic_update_slice(cache.k, rows.k, (zero,) * 5),
+                  jax.lax.dynamic_update_slice(cache.v, rows.v, (zero,) * 5),
+                  jax.lax.dynamic_update_slice(cache.positions, rows.positions, (zero, zero)),
+                  jax.lax.dynamic_update_slice(cache.segments, rows.segments, (zero, zero)))
+    return sample(logits, steps, params), cache
