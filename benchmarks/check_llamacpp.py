@@ -1,31 +1,49 @@
-"""llama.cpp runs ftjax's GGUF exports exactly: prompt tokens and greedy continuations vs
-transformers on the matching Hugging Face export (a check, outside the test suite).
+"""llama.cpp runs ftjax's GGUF exports as transformers runs the matching Hugging Face export:
+prompt tokens and greedy continuations (a check, outside the test suite).
 
     python benchmarks/check_llamacpp.py [--workdir=/tmp/ftjax-llamacpp] [--steps=4]
-        [--llamacpp_python=/work/llamacpp-venv/bin/python] [--install] [--time] [--prepare]
+        [--llamacpp_python=/work/llamacpp-venv/bin/python] [--install] [--only=M,..]
+        [--dtypes=f32,q8_0,q4_0,q4_k] [--prepare] [--tamper=swap|rope|eps] [--time]
 
 ``--install`` first creates that venv and builds ``llama-cpp-python==0.3.36`` from its sdist
 into it (about 12 minutes of both cores on an idle machine; the build runs at ``nice 15``).
-``--prepare`` only trains, exports and computes the transformers references (cached in
-``--workdir``), so the llama.cpp part can run later.
+``--prepare`` only trains and exports (cached in ``--workdir``), so llama.cpp can run later.
 
 Models: a short LoRA run of ``configs/smollm2_lm.py`` (``--steps``), exported with
-``ftjax-export`` as ``--format=hf`` and as ``--format=gguf`` in F32 and Q8_0; and one tiny random
-model of every other family llama.cpp runs (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3, GPT-2;
-SmolLM2's tokenizer, unit-scale weights so greedy argmaxes are not near-ties), written by ftjax
-both ways (``save_pretrained`` and ``save_gguf``). Prompts: contractions, numbers, whitespace
-runs, non-ASCII, and one chat-templated prompt. For every file llama.cpp (``llama-cpp-python``,
-run in ``--llamacpp_python``, which must have it installed) tokenizes each prompt (special tokens
-parsed) and continues it greedily for 32 tokens with a plain argmax loop; transformers does the
-same on the HF export. F32 files must match token for token (prompt and continuation); a Q8_0
-file's continuation is compared with transformers on the HF export with its weights rounded
-through the gguf package's Q8_0 (llama.cpp also rounds the activations to 8 bits in its Q8_0
-matmuls, so a near-tie may still flip there), and with the F32 reference.
+``ftjax-export`` as ``--format=hf`` and as ``--format=gguf`` in every ``--dtypes``; and one tiny
+random model of every other family llama.cpp runs (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
+GPT-2; SmolLM2's tokenizer, unit-scale weights so greedy argmaxes are not near-ties), written by
+ftjax both ways (``save_pretrained`` and ``save_gguf``). Prompts: contractions, numbers,
+whitespace runs, non-ASCII, and one chat-templated prompt.
 
-``--time`` (run it under ``/work/tools/cpu bench``) adds llama.cpp's decode tokens/s for the
-SmolLM2 F32 and Q8_0 exports beside ftjax's own generator on the HF export (greedy, 32 new
-tokens, batch 1, 2 threads, median of 3 per prompt). Results: ``benchmarks/results/llamacpp.json``
-and the table printed (and ``.md``).
+llama.cpp (``llama-cpp-python``, run in ``--llamacpp_python``) tokenizes each prompt (special
+tokens parsed) and continues it greedily for 32 tokens with a plain argmax loop, keeping its top
+8 logits at every step. transformers, on the HF export, then reads the prompt plus llama.cpp's
+continuation in one forward pass (teacher forcing), so every one of the 32 steps is scored
+against transformers' logits at the same context. For a quantised file transformers runs the
+arithmetic llama.cpp's CPU dot products do: every weight the file holds quantised is rounded
+through that type (the ``gguf`` package's quantiser and dequantiser; Q4_K's quantiser is
+ftjax's, the ``gguf`` package has none), and the activations entering each such matmul are
+rounded as llama.cpp rounds them (Q8_0 blocks of 32 with an F16 scale for Q8_0/Q4_0/Q5_0
+weights, Q8_K blocks of 256 for K-quants, F16 for F16 weights). Which type each tensor has is
+read from the file. A file passes when, on every prompt,
+
+* the prompt tokens equal the HF tokenizer's, and
+* at each of the 32 steps llama.cpp's 8 largest logits are within ``LOGIT_TOL[dtype]`` of
+  transformers' logits for the same token ids, and llama.cpp's token is transformers' argmax,
+  or (a quantised file only) transformers' second choice with a top-2 gap below
+  ``2 * LOGIT_TOL[dtype]`` (a near-tie the stated logit error can flip).
+
+So F32 files must continue exactly as transformers does. The table also scores every quantised
+file against the unquantised HF export with the same rule ("vs F32"; informational: weight
+rounding moves logits by more than the tolerance). ``--tamper=KIND`` checks a deliberately broken
+copy of each file instead (``swap``: blocks 0 and 1 exchange ``attn_output``; ``rope``: rope
+frequency base doubled; ``eps``: norm epsilon times 1e4): every row should then FAIL.
+
+``--time`` (run it under ``/work/tools/cpu bench``) only times: llama.cpp's decode tokens/s for
+``--time_model``'s F32 and Q8_0 exports beside ftjax's own generator on its HF export, same
+prompts, greedy, 32 new tokens, batch 1, llama.cpp ``n_threads=2``, median of 3 per prompt.
+Results: ``benchmarks/results/llamacpp.{json,md}`` (``llamacpp_time.*`` for ``--time``).
 """
 
 from __future__ import annotations
@@ -45,6 +63,12 @@ from benchmarks import _common  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 NEW_TOKENS = 32
+TOP_K = 8
+DTYPES = ("f32", "q8_0", "q4_0", "q4_k")
+# max |llama.cpp logit - transformers logit| over llama.cpp's top 8 at each step (see the note in
+# benchmarks/RESULTS.md for the measured values): F32 differs only by llama.cpp's F16 KV cache
+# and summation order; the quantised files also by the activation roundings emulated above.
+LOGIT_TOL = {"f32": 0.02, "q8_0": 0.05, "q4_0": 0.05, "q4_k": 0.05}
 PROMPTS = ["it's a charming and often affecting journey.",
            "I'm sure we'll win 3-2, won't we? They've said 12345 times it's 3.14159...",
            "Naïve café — 東京 🦙\n\n\tindented    runs   of spaces",
@@ -96,11 +120,11 @@ def _unit_scale(model: Any, seed: int = 0) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the exports (ftjax) and the reference (transformers)
+# Building the exports (ftjax)
 # ---------------------------------------------------------------------------------------------
 
-def smollm2_run(root: Path, steps: int) -> list[dict]:
-    """LoRA run of configs/smollm2_lm.py, exported as HF and as F32 / Q8_0 GGUF."""
+def smollm2_run(root: Path, steps: int, dtypes: list[str]) -> list[dict]:
+    """LoRA run of configs/smollm2_lm.py, exported as HF and as GGUF in every dtype."""
     from ftjax.configs.smollm2_lm import get_config
     from ftjax.export import export_run
     from ftjax.train.loop import train
@@ -111,82 +135,177 @@ def smollm2_run(root: Path, steps: int) -> list[dict]:
         config.eval.max_batches = 1
         config.checkpoint.async_save = False
         train(config, workdir)
+    if not (root / "smollm2_hf").exists():
+        export_run(workdir, "hf", root / "smollm2_hf")
     rows = []
-    for fmt, dtype in (("hf", None), ("gguf", "f32"), ("gguf", "q8_0")):
-        out = root / f"smollm2_{fmt}{'_' + dtype if dtype else ''}"
+    for dtype in dtypes:
+        out = root / f"smollm2_gguf_{dtype}"
         if not out.exists():
-            export_run(workdir, fmt, out, **({"gguf_dtype": dtype} if dtype else {}))
-        if dtype:
-            rows.append(dict(model="smollm2-lora", dtype=dtype, gguf=str(out / f"model-{dtype}.gguf"),
-                             hf=str(root / "smollm2_hf")))
+            export_run(workdir, "gguf", out, gguf_dtype=dtype)
+        rows.append(dict(model="smollm2-lora", dtype=dtype, gguf=str(out / f"model-{dtype}.gguf"),
+                         hf=str(root / "smollm2_hf")))
     return rows
 
 
-def tiny_models(root: Path, tokenizer: Any) -> list[dict]:
+def tiny_models(root: Path, tokenizer: Any, dtypes: list[str]) -> list[dict]:
+    import jax
     import transformers
+    from ftjax import sharding
     from ftjax.export import save_gguf
     from ftjax.models.loading import from_pretrained
     from ftjax.models.saving import save_pretrained
-    from ftjax import sharding
-    import jax
     mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
     rows = []
     for name, config in tiny_configs().items():
         folder = root / f"tiny_{name}"
         src, hf = folder / "torch", folder / "hf"
-        if not hf.exists():
-            ref = _unit_scale(transformers.AutoModelForCausalLM.from_config(config))
-            ref.save_pretrained(src)
-            model, _ = from_pretrained(src, mesh=mesh)
-            save_pretrained(model, hf, tokenizer)
-            for dtype in ("f32", "q8_0"):
+        model = None
+        if not src.exists():
+            _unit_scale(transformers.AutoModelForCausalLM.from_config(config)).save_pretrained(src)
+        for dtype in dtypes:
+            if not (folder / f"model-{dtype}.gguf").exists() or not hf.exists():
+                if model is None:
+                    model = from_pretrained(src, mesh=mesh)[0]
+                if not hf.exists():
+                    save_pretrained(model, hf, tokenizer)
                 save_gguf(model, tokenizer, folder / f"model-{dtype}.gguf", dtype)
-        rows += [dict(model=f"tiny-{name}", dtype=d, gguf=str(folder / f"model-{d}.gguf"),
-                      hf=str(hf)) for d in ("f32", "q8_0")]
+            rows.append(dict(model=f"tiny-{name}", dtype=dtype,
+                             gguf=str(folder / f"model-{dtype}.gguf"), hf=str(hf)))
     return rows
 
 
-_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+def tamper(gguf_path: str, kind: str) -> str | None:
+    """A copy of the file broken on purpose (None when ``kind`` does not apply to it)."""
+    import shutil
+    import gguf
+    out = gguf_path.replace(".gguf", f".tampered-{kind}.gguf")
+    shutil.copyfile(gguf_path, out)
+    reader = gguf.GGUFReader(out, "r+")
+    if kind == "swap":
+        t = {x.name: x for x in reader.tensors}
+        a, b = t["blk.0.attn_output.weight"].data, t["blk.1.attn_output.weight"].data
+        a0 = a.copy()
+        a[...] = b
+        b[...] = a0
+    else:
+        suffix = {"rope": ".rope.freq_base", "eps": "layer_norm_rms_epsilon"}[kind]
+        keys = [k for k in reader.fields if k.endswith(suffix) or
+                (kind == "eps" and k.endswith(".attention.layer_norm_epsilon"))]
+        if not keys:
+            os.remove(out)
+            return None
+        for k in keys:
+            field = reader.fields[k]
+            field.parts[field.data[0]][0] *= 2.0 if kind == "rope" else 1e4
+    reader.data.flush()
+    return out
 
 
-def _fake_q8_0(model: Any) -> None:
-    """Round every weight llama.cpp's Q8_0 file holds quantised through the gguf package's
-    Q8_0 (blocks of 32 along a GGUF row: GPT-2's Conv1D weights are transposed there)."""
+# ---------------------------------------------------------------------------------------------
+# transformers as llama.cpp computes a file: its weights' types, its activation roundings
+# ---------------------------------------------------------------------------------------------
+
+def _round_blocks(x: Any, block: int, f16_scale: bool) -> Any:
+    """Symmetric 8-bit rounding in blocks along the last axis, as ``quantize_row_q8_0``
+    (``f16_scale``: the scale is stored as F16) and ``quantize_row_q8_K`` do."""
+    import torch
+    b = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    d = amax / 127.0
+    if f16_scale:
+        d = d.half().float()
+    return (torch.round(b * inv) * d).reshape(x.shape)
+
+
+def _activation_rounding(qtype: Any) -> Any:
+    """How llama.cpp's CPU backend rounds a matmul's activations for weights of ``qtype``
+    (its ``vec_dot_type``), or None."""
+    import gguf
+    import torch
+    Q = gguf.GGMLQuantizationType
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        return lambda x: _round_blocks(x, 32, True)
+    if qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return lambda x: _round_blocks(x, 256, False)
+    if qtype in (Q.F16, Q.BF16):
+        dt = torch.float16 if qtype == Q.F16 else torch.bfloat16
+        return lambda x: x.to(dt).float()
+    return None
+
+
+def as_llamacpp_computes(model: Any, gguf_path: str) -> Any:
+    """Round ``model``'s weights to the types ``gguf_path`` holds them in and its matmul inputs
+    as llama.cpp does for those types (forward pre-hooks)."""
     import gguf
     import numpy as np
     import torch
-    q8 = gguf.GGMLQuantizationType.Q8_0
+    from ftjax.models.gguf_io import quants
+    reader = gguf.GGUFReader(gguf_path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    arch_name = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+
+    def gguf_name(module_name: str) -> str:
+        if module_name == "lm_head":  # tied heads read token_embd
+            return "output.weight" if "output.weight" in types else "token_embd.weight"
+        name = names.get_name(module_name)
+        if name is None or f"{name}.weight" not in types:
+            raise KeyError(f"{gguf_path}: no GGUF tensor for transformers module {module_name}")
+        return f"{name}.weight"
+
+    Q = gguf.GGMLQuantizationType
+    embedding = model.get_input_embeddings().weight
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim < 2 or "wpe" in name:
+        for module_name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.ndim != 2:
                 continue
-            conv = name.endswith(_CONV1D)
-            w = np.ascontiguousarray(p.numpy().T if conv else p.numpy())
-            if w.shape[-1] % 32:
+            qtype = types[gguf_name(module_name)]
+            conv1d = type(module).__name__ == "Conv1D"  # GPT-2: [in, out], a GGUF row is [in]
+            tied_head = module_name == "lm_head" and weight is embedding  # rounded as the embedding
+            if qtype != Q.F32 and not tied_head:
+                w = np.ascontiguousarray((weight.T if conv1d else weight).numpy())
+                back = gguf.quants.dequantize(quants.quantize(w, qtype), qtype).reshape(w.shape)
+                weight.copy_(torch.from_numpy(np.ascontiguousarray(back.T if conv1d else back)))
+            if isinstance(module, torch.nn.Embedding):
                 continue
-            back = gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8).reshape(w.shape)
-            p.copy_(torch.from_numpy(np.ascontiguousarray(back.T if conv else back)))
+            rounding = _activation_rounding(qtype)
+            if rounding is not None:
+                module.register_forward_pre_hook(lambda _, args, r=rounding: (r(args[0]),))
+    return model
 
 
-def transformers_greedy(hf: str, texts: list[str], q8_0: bool = False) -> list[dict]:
-    """Prompt ids (the HF export's tokenizer) and 32 greedy tokens (never stopping at EOS) of
-    transformers on the HF export (``q8_0``: its weights rounded as the Q8_0 file holds them)."""
+def load_reference(hf: str, gguf_path: str | None) -> Any:
+    """transformers on the HF export (float32), as llama.cpp computes ``gguf_path`` if given."""
     import torch
     import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    if q8_0:
-        _fake_q8_0(model)
-    out = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            for _ in range(NEW_TOKENS):  # plain argmax loop, as on the llama.cpp side
-                nxt = model(input_ids=x).logits[0, -1].argmax()
-                x = torch.cat([x, nxt.view(1, 1)], dim=1)
-        out.append(dict(prompt=ids, continuation=x[0, len(ids):].tolist()))
-    return out
+    return as_llamacpp_computes(model, gguf_path) if gguf_path else model
+
+
+def score(model: Any, prompt: list[int], cpp: dict, flips_allowed: bool, tol: float) -> dict:
+    """Teacher-forced: transformers' logits on prompt + llama.cpp's continuation, step by step
+    against llama.cpp's token and top logits."""
+    import torch
+    cont = cpp["continuation"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + cont[:-1]])).logits[0, len(prompt) - 1:]
+    steps = []
+    for j, tok in enumerate(cont):
+        row = logits[j]
+        top2 = torch.topk(row, 2)
+        ids, vals = cpp["top_ids"][j], torch.tensor(cpp["top_logits"][j])
+        steps.append(dict(err=float((row[ids] - vals).abs().max()),
+                          top=int(top2.indices[0]), second=int(top2.indices[1]),
+                          gap=float(top2.values[0] - top2.values[1]), tok=tok))
+    exact = sum(s["tok"] == s["top"] for s in steps)
+    flips = [dict(pos=j, gap=s["gap"]) for j, s in enumerate(steps) if s["tok"] != s["top"]]
+    fair = all(s["tok"] == s["top"] or (flips_allowed and s["tok"] == s["second"] and
+                                        s["gap"] < 2 * tol) for s in steps)
+    err = max(s["err"] for s in steps)
+    return dict(exact=exact, flips=flips, max_err=err, passed=fair and err <= tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +313,8 @@ def transformers_greedy(hf: str, texts: list[str], q8_0: bool = False) -> list[d
 # ---------------------------------------------------------------------------------------------
 
 def llamacpp_worker(spec: dict) -> dict:
-    """Tokenize and greedily continue every text with llama.cpp; decode time per prompt."""
+    """Tokenize and greedily continue every text with llama.cpp (its top logits at each step,
+    unless timed); decode seconds per prompt (median over ``repeats``)."""
     import numpy as np
     from llama_cpp import Llama
     llm = Llama(model_path=spec["gguf"], n_ctx=512, n_threads=2, n_batch=512, verbose=False)
@@ -202,19 +322,24 @@ def llamacpp_worker(spec: dict) -> dict:
     out = []
     for text in spec["texts"]:
         ids = llm.tokenize(text.encode(), add_bos=True, special=True)
-        runs, tokens = [], []
+        runs = []
         for _ in range(spec["repeats"]):
             llm.reset()
             llm.eval(ids)
-            tokens = []
+            tokens, top_ids, top_logits = [], [], []
             start = time.perf_counter()
             for _ in range(NEW_TOKENS):  # the last position's logits, as llama.cpp returns them
                 logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
                 nxt = int(np.argmax(logits))
                 tokens.append(nxt)
+                if not spec["timed"]:
+                    best = np.argpartition(logits, -TOP_K)[-TOP_K:]
+                    top_ids.append(best.tolist())
+                    top_logits.append(logits[best].tolist())
                 llm.eval([nxt])
             runs.append(time.perf_counter() - start)
-        out.append(dict(prompt=ids, continuation=tokens, decode_s=statistics.median(runs)))
+        out.append(dict(prompt=ids, continuation=tokens, top_ids=top_ids, top_logits=top_logits,
+                        decode_s=statistics.median(runs)))
     return dict(meta=meta, results=out)
 
 
@@ -239,8 +364,9 @@ def check_llamacpp_python(python: str) -> None:
                  f"pass --install to build {LLAMACPP} there, or --llamacpp_python=PYTHON")
 
 
-def run_llamacpp(python: str, gguf: str, texts: list[str], repeats: int) -> dict:
-    spec = json.dumps(dict(gguf=gguf, texts=texts, repeats=repeats))
+def run_llamacpp(python: str, gguf: str, texts: list[str], repeats: int = 1,
+                 timed: bool = False) -> dict:
+    spec = json.dumps(dict(gguf=gguf, texts=texts, repeats=repeats, timed=timed))
     proc = subprocess.run([python, str(SCRIPT), "--llamacpp_worker", spec], capture_output=True,
                           text=True, check=False)
     if proc.returncode:
@@ -249,8 +375,8 @@ def run_llamacpp(python: str, gguf: str, texts: list[str], repeats: int) -> dict
 
 
 def ftjax_decode_s(hf: str, prompt_ids: list[list[int]], repeats: int) -> list[float]:
-    """ftjax's Generator (jitted KV-cache decode) on the HF export: seconds per 31 decode steps
-    (the 32-token run minus the 1-token run: prefill and first token excluded)."""
+    """ftjax's Generator (jitted KV-cache decode) on the HF export: seconds per decode step
+    ((the 32-token run - the 1-token run) / 31: prefill and first token excluded)."""
     from ftjax.generate import Generator, Request, SamplingParams
     from ftjax.models.loading import from_pretrained
     model, tokenizer = from_pretrained(hf)
@@ -273,14 +399,72 @@ def ftjax_decode_s(hf: str, prompt_ids: list[list[int]], repeats: int) -> list[f
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def _agree(a: list[int], b: list[int]) -> int:
-    """How many leading tokens agree."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def check(rows: list[dict], texts: list[str], tokenizer_ids: list[list[int]], python: str,
+          tamper_kind: str) -> tuple[list[dict], bool]:
+    """llama.cpp on every file, scored against transformers; the table's rows and whether all
+    passed."""
+    plain: dict[str, Any] = {}
+    table, ok = [], True
+    for row in rows:
+        gguf_path = tamper(row["gguf"], tamper_kind) if tamper_kind else row["gguf"]
+        if gguf_path is None:
+            continue
+        cpp = run_llamacpp(python, gguf_path, texts)
+        if row["hf"] not in plain:
+            plain[row["hf"]] = load_reference(row["hf"], None)
+        quantised = row["dtype"] != "f32"
+        same = load_reference(row["hf"], gguf_path) if quantised else plain[row["hf"]]
+        tol = LOGIT_TOL[row["dtype"]]
+        for i, (ids, c) in enumerate(zip(tokenizer_ids, cpp["results"])):
+            s = score(same, c["prompt"], c, quantised, tol)
+            vs_f32 = score(plain[row["hf"]], c["prompt"], c, True, tol) if quantised else s
+            passed = c["prompt"] == ids and s["passed"]
+            ok &= passed
+            table.append(dict(model=row["model"], dtype=row["dtype"], prompt=i, gguf=gguf_path,
+                              pre=cpp["meta"]["tokenizer.ggml.pre"], prompt_tokens=len(c["prompt"]),
+                              prompt_match=c["prompt"] == ids, score=s, vs_f32=vs_f32,
+                              passed=passed, llamacpp=c))
+        del same
+        print(f"{row['model']:>16} {row['dtype']:>5}: " + " ".join(
+            f"[{'tok' if t['prompt_match'] else 'TOK DIFF'} {t['score']['exact']}/{NEW_TOKENS} "
+            f"err {t['score']['max_err']:.3f} {'ok' if t['passed'] else 'FAIL'}]"
+            for t in table[-len(texts):]), flush=True)
+    return table, ok
+
+
+def _flips(s: dict) -> str:
+    return ", ".join(f"@{f['pos']} gap {f['gap']:.3f}" for f in s["flips"]) or "-"
+
+
+def markdown(table: list[dict]) -> str:
+    md = ["| model | dtype | prompt | prompt tokens | tokens match | steps = argmax | flips "
+          "(position, transformers' top-2 gap) | max logit err | pass | vs F32: argmax, flips, "
+          "err, pass |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        s, f = t["score"], t["vs_f32"]
+        md.append(f"| {t['model']} | {t['dtype']} | {t['prompt']} | {t['prompt_tokens']} | "
+                  f"{'yes' if t['prompt_match'] else '**no**'} | {s['exact']}/{NEW_TOKENS} | "
+                  f"{_flips(s)} | {s['max_err']:.4f} | {'yes' if t['passed'] else '**NO**'} | "
+                  + (f"{f['exact']}/{NEW_TOKENS}, {len(f['flips'])}, {f['max_err']:.3f}, "
+                     f"{'yes' if f['passed'] else 'no'} |" if t["dtype"] != "f32" else "= |"))
+    return "\n".join(md)
+
+
+def timing(rows: list[dict], model: str, texts: list[str], python: str) -> dict:
+    """Decode tokens/s per prompt: llama.cpp on ``model``'s F32 and Q8_0 files, ftjax's
+    generator on its HF export."""
+    out: dict[str, Any] = {}
+    prompt_ids = None
+    for row in rows:
+        if row["model"] == model and row["dtype"] in ("f32", "q8_0"):
+            res = run_llamacpp(python, row["gguf"], texts, 3, timed=True)["results"]
+            out[f"llama.cpp {row['dtype']} (n_threads=2)"] = [NEW_TOKENS / r["decode_s"]
+                                                             for r in res]
+            prompt_ids, hf = [r["prompt"] for r in res], row["hf"]
+    if prompt_ids is None:
+        sys.exit(f"error: --time_model={model}: no f32/q8_0 file of that model selected")
+    out["ftjax generate f32 (XLA CPU)"] = [1 / s for s in ftjax_decode_s(hf, prompt_ids, 3)]
+    return out
 
 
 def main() -> int:
@@ -288,15 +472,23 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/ftjax-llamacpp")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--llamacpp_python", default="/work/llamacpp-venv/bin/python")
-    ap.add_argument("--time", action="store_true")
     ap.add_argument("--install", action="store_true", help=f"build {LLAMACPP} into the venv first")
     ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated GGUF dtypes")
     ap.add_argument("--prepare", action="store_true", help="only train and export, then stop")
+    ap.add_argument("--tamper", default="", choices=["", "swap", "rope", "eps"],
+                    help="check a deliberately broken copy of each file (should FAIL)")
+    ap.add_argument("--time", action="store_true", help="only time decoding (under cpu bench)")
+    ap.add_argument("--time_model", default="smollm2-lora")
     ap.add_argument("--llamacpp_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llamacpp_worker:
         print(json.dumps(llamacpp_worker(json.loads(args.llamacpp_worker))))
         return 0
+    dtypes = args.dtypes.split(",")
+    if set(dtypes) - set(DTYPES):
+        sys.exit(f"error: --dtypes={args.dtypes}: unknown {sorted(set(dtypes) - set(DTYPES))}; "
+                 f"the check covers {', '.join(DTYPES)}")
 
     from ftjax.models.assets import smollm2_gguf_path
     from ftjax.models.gguf_io import load_tokenizer
@@ -308,75 +500,41 @@ def main() -> int:
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     texts = prompt_texts(tokenizer)
-    rows = smollm2_run(root, args.steps) + tiny_models(root, tokenizer)
-    if args.only:
-        rows = [r for r in rows if r["model"] in args.only.split(",")]
-    def reference(row: dict, q8_0: bool) -> list[dict]:
-        """transformers' tokens and continuations, cached in the workdir."""
-        cache = root / f"reference-{row['model']}{'-q8_0' if q8_0 else ''}.json"
-        if not cache.exists():
-            cache.write_text(json.dumps(transformers_greedy(row["hf"], texts, q8_0=q8_0)))
-        return json.loads(cache.read_text())
-
-    for row in rows:
-        reference(row, row["dtype"] == "q8_0")
+    only = args.only.split(",") if args.only else None
+    rows = []
+    if only is None or "smollm2-lora" in only:
+        rows += smollm2_run(root, args.steps, dtypes)
+    rows += [r for r in tiny_models(root, tokenizer, dtypes) if only is None or r["model"] in only]
     if args.prepare:
         print(json.dumps(rows, indent=1))
         return 0
     if args.install:
         install_llamacpp(args.llamacpp_python)
     check_llamacpp_python(args.llamacpp_python)
-
-    table, ok = [], True
-    for row in rows:
-        ref = reference(row, False)
-        cpp = run_llamacpp(args.llamacpp_python, row["gguf"], texts, 3 if args.time else 1)
-        same_file = reference(row, True) if row["dtype"] == "q8_0" else ref
-        for i, (r, c, s) in enumerate(zip(ref, cpp["results"], same_file)):
-            prompt_ok = r["prompt"] == c["prompt"]
-            cont = _agree(s["continuation"], c["continuation"])
-            passed = prompt_ok and cont == NEW_TOKENS
-            ok &= passed
-            table.append(dict(model=row["model"], dtype=row["dtype"], prompt=i,
-                              pre=cpp["meta"]["tokenizer.ggml.pre"], prompt_tokens=len(c["prompt"]),
-                              prompt_match=prompt_ok, continuation_match=f"{cont}/{NEW_TOKENS}",
-                              vs_f32_hf=f"{_agree(r['continuation'], c['continuation'])}/{NEW_TOKENS}",
-                              llamacpp_decode_tok_s=NEW_TOKENS / c["decode_s"],
-                              passed=passed, llamacpp=c, transformers=r))
-        print(f"{row['model']:>16} {row['dtype']:>5}: " + " ".join(
-            f"[{t['prompt_match'] and 'tok ok' or 'TOK DIFF'} {t['continuation_match']}]"
-            for t in table[-len(texts):]), flush=True)
-
-    timing = {}
-    if args.time:
-        hf = str(root / "smollm2_hf")
-        ids = [t["transformers"]["prompt"] for t in table
-               if t["model"] == "smollm2-lora" and t["dtype"] == "f32"]
-        per_step = ftjax_decode_s(hf, ids, 3)
-        timing["ftjax_decode_tok_s"] = [1 / s for s in per_step]
-        for dtype in ("f32", "q8_0"):
-            timing[f"llamacpp_{dtype}_decode_tok_s"] = [
-                t["llamacpp_decode_tok_s"] for t in table
-                if t["model"] == "smollm2-lora" and t["dtype"] == dtype]
-
-    md = ["| model | dtype | pre | prompt | prompt tokens | tokens match | greedy 32 match | "
-          "vs F32 HF |", "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {t['model']} | {t['dtype']} | {t['pre']} | {t['prompt']} | {t['prompt_tokens']} | "
-           f"{'yes' if t['prompt_match'] else '**no**'} | {t['continuation_match']} | "
-           f"{t['vs_f32_hf']} |" for t in table]
-    if timing:
-        md += ["", "| SmolLM2-135M LoRA export, greedy, batch 1 | decode tokens/s per prompt | "
-               "median |", "|---|---|---|"]
-        for k, v in timing.items():
-            md.append(f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} |")
-    text = "\n".join(md)
-    print(text)
     results = SCRIPT.parent / "results"
     results.mkdir(exist_ok=True)
-    (results / "llamacpp.md").write_text(text + "\n")
-    (results / "llamacpp.json").write_text(json.dumps(dict(
-        machine=_common.machine(), passed=ok, timing=timing, texts=texts,
-        rows=table), indent=1))
+
+    if args.time:
+        tok_s = timing(rows, args.time_model, texts, args.llamacpp_python)
+        md = [f"| {args.time_model}, greedy, {NEW_TOKENS} new tokens, batch 1 | decode tokens/s "
+              "per prompt | median |", "|---|---|---|"]
+        md += [f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {statistics.median(v):.1f} |"
+               for k, v in tok_s.items()]
+        print("\n".join(md))
+        (results / "llamacpp_time.md").write_text("\n".join(md) + "\n")
+        (results / "llamacpp_time.json").write_text(json.dumps(dict(
+            machine=_common.machine(), model=args.time_model, texts=texts, tok_s=tok_s), indent=1))
+        return 0
+
+    tokenizer_ids = [tokenizer(t)["input_ids"] for t in texts]
+    table, ok = check(rows, texts, tokenizer_ids, args.llamacpp_python, args.tamper)
+    text = markdown(table)
+    print(text)
+    name = f"llamacpp-tampered-{args.tamper}" if args.tamper else "llamacpp"
+    (results / f"{name}.md").write_text(text + "\n")
+    (results / f"{name}.json").write_text(json.dumps(dict(
+        machine=_common.machine(), passed=ok, logit_tol=LOGIT_TOL, texts=texts, rows=table),
+        indent=1))
     print("PASS" if ok else "FAIL: see the table")
     return 0 if ok else 1
 
