@@ -10,16 +10,16 @@ handed to the scanned stack as a per-layer boolean, so layers stay stacked.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import sharding
-from ftjax.models import heads, layers, llama, registry, weights
-from ftjax.models.kv_cache import KVCache, LayerKV
-from ftjax.models.stack import run_layers, stack_layers
+from ftjax.models import decoder, heads, layers, llama, registry, weights
+from ftjax.models.kv_cache import LayerKV
+from ftjax.models.stack import stack_layers
 
 HF_MODEL_TYPES = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -130,21 +130,17 @@ class GemmaDecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = _norm(cfg, d, rngs) if sandwich else None
         self.post_feedforward_layernorm = _norm(cfg, d, rngs) if sandwich else None
 
-    def __call__(self, x, positions, mask, inv_freq, cache: LayerKV | None = None):
-        attn = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, cache)
-        if cache is not None:
-            attn, cache = attn
+    def __call__(self, x: jax.Array, ctx: decoder.Context, cache: LayerKV | None):
         if self.pre_feedforward_layernorm is None:
-            x = x + attn
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        else:
-            x = x + self.post_attention_layernorm(attn)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
-        return x if cache is None else (x, cache)
+            return decoder.pre_norm_block(x, ctx, cache, self.input_layernorm, self.self_attn,
+                                          self.post_attention_layernorm, self.mlp)
+        attn, cache = self.self_attn(self.input_layernorm(x), ctx, cache)
+        x = x + self.post_attention_layernorm(attn)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return sharding.constrain(x, "batch", "act_seq", "act_embed"), cache
 
 
-class GemmaModel(nnx.Module):
+class GemmaModel(decoder.Decoder):
     """The backbone: token ids -> final normalised hidden states ``[B, T, D]``."""
 
     def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
@@ -154,42 +150,27 @@ class GemmaModel(nnx.Module):
         self.layers = stack_layers(lambda r: GemmaDecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = _norm(cfg, cfg.hidden_size, rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
+    def embed(self, input_ids: jax.Array, positions: jax.Array,
+              inputs_embeds: jax.Array | None) -> jax.Array:
+        """Token embeddings scaled by ``sqrt(hidden)`` in the compute dtype (given ones as they are)."""
+        if inputs_embeds is not None:
+            return inputs_embeds
+        h = self.embed_tokens(input_ids)
+        return h * jnp.asarray(self.cfg.hidden_size ** 0.5, h.dtype)
+
+    def layer_context(self, positions: jax.Array, mask: decoder.MaskFn
+                      ) -> tuple[Callable[[Any], decoder.Context], Any]:
+        """Each layer's mask and rope frequencies: local (sliding-window) or global."""
         cfg = self.cfg
-        positions, segment_ids = layers.default_positions_and_segments(
-            input_ids, attention_mask, positions, segment_ids)
-        if cache is None:
-            masks = [layers.attention_mask(segment_ids, segment_ids, positions, positions,
-                                           causal=True, sliding_window=window)
-                     for window in (None, cfg.sliding_window)]
-        else:
-            cache = cache.append(positions, segment_ids)
-            masks = [cache.mask(positions, segment_ids, window) for window in (None, cfg.sliding_window)]
+        masks = [mask(window) for window in (None, cfg.sliding_window)]
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
         inv_freqs = (layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, scaling),
                      layers.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta))
-        if inputs_embeds is None:
-            h = self.embed_tokens(input_ids)
-            h = h * jnp.asarray(cfg.hidden_size ** 0.5, h.dtype)
-        else:
-            h = inputs_embeds
-        h = sharding.constrain(h, "batch", "act_seq", "act_embed")
 
-        def call(block, x, local, *kv):
-            mask = jnp.where(local, masks[1], masks[0])
-            return block(x, positions, mask, jnp.where(local, inv_freqs[1], inv_freqs[0]), *kv)
-
-        local = jnp.asarray(cfg.local_layers)
-        run = dict(scan=cfg.scan_layers, remat=cfg.remat)
-        if cache is None:
-            return self.norm(run_layers(self.layers, h, call, per_layer=local, **run))
-        h, kv = run_layers(self.layers, h, lambda blk, x, xs: call(blk, x, *xs),
-                           per_layer=(local, cache.per_layer()), collect=True, **run)
-        return self.norm(h), cache.advance(kv, positions.shape[1])
+        def context(local: jax.Array) -> decoder.Context:
+            return decoder.Context(positions, jnp.where(local, masks[1], masks[0]),
+                                   jnp.where(local, inv_freqs[1], inv_freqs[0]))
+        return context, jnp.asarray(cfg.local_layers)
 
 
 def build(cfg: GemmaConfig, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:

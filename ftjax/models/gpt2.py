@@ -8,16 +8,15 @@ does), so export writes it back unchanged. Heads come from ``heads.py`` (backbon
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import sharding
-from ftjax.models import heads, layers, registry, weights
-from ftjax.models.kv_cache import KVCache, LayerKV
-from ftjax.models.stack import run_layers, stack_layers
+from ftjax.models import decoder, heads, layers, registry, weights
+from ftjax.models.kv_cache import LayerKV
+from ftjax.models.stack import stack_layers
 
 HF_MODEL_TYPES = {"gpt2": "GPT2"}
 HF_HEAD_SUFFIX = {"causal_lm": "LMHeadModel", "sequence_classification": "ForSequenceClassification",
@@ -64,26 +63,21 @@ def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs) -> layers.LayerNorm:
     return layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, rngs=rngs, **_dtypes(cfg))
 
 
-class GPT2Attention(layers.PrefixHook, nnx.Module):
+class GPT2Attention(decoder.Attention):
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
+        self.scale = self.head_dim ** -0.5
         self.c_attn = _conv1d(cfg, d, 3 * d, ("embed", "heads"), rngs)
         self.c_proj = _conv1d(cfg, d, d, ("heads", "embed"), rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cache: LayerKV | None = None
-                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
-        """With ``cache``: attend over the cache after writing the new keys; return it too."""
+    def __call__(self, x: jax.Array, ctx: decoder.Context, cache: LayerKV | None
+                 ) -> tuple[jax.Array, LayerKV | None]:
         b, t, _ = x.shape
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim)
                    for y in jnp.split(self.c_attn(x), 3, axis=-1))
-        if cache is not None:
-            cache = cache.write(k, v)
-            k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.head_dim ** -0.5,
-                                           prefix=self.prefix_kv())
-        out = self.c_proj(out.reshape(b, t, -1))
-        return out if cache is None else (out, cache)
+        out, cache = self.attend(q, k, v, ctx.mask, cache)
+        return self.c_proj(out), cache
 
 
 class GPT2MLP(nnx.Module):
@@ -104,18 +98,14 @@ class GPT2Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = GPT2MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cache: LayerKV | None = None):
-        attn = self.attn(self.ln_1(x), mask, cache)
-        if cache is not None:
-            attn, cache = attn
-        x = x + attn
-        x = x + self.mlp(self.ln_2(x))
-        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
-        return x if cache is None else (x, cache)
+    def __call__(self, x: jax.Array, ctx: decoder.Context, cache: LayerKV | None):
+        return decoder.pre_norm_block(x, ctx, cache, self.ln_1, self.attn, self.ln_2, self.mlp)
 
 
-class GPT2Model(nnx.Module):
+class GPT2Model(decoder.Decoder):
     """The backbone (HF ``GPT2Model``): token ids -> final normalised hidden states ``[B, T, D]``."""
+
+    blocks, final_norm = "h", "ln_f"
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -131,26 +121,15 @@ class GPT2Model(nnx.Module):
         """The token embedding under the name ``heads.CausalLM`` ties to."""
         return self.wte
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
-        positions, segment_ids = layers.default_positions_and_segments(
-            input_ids, attention_mask, positions, segment_ids)
-        if cache is None:
-            mask = layers.attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
-        else:
-            cache = cache.append(positions, segment_ids)
-            mask = cache.mask(positions, segment_ids)
-        h = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        h = sharding.constrain(h + self.wpe(positions), "batch", "act_seq", "act_embed")
-        run = dict(scan=self.cfg.scan_layers, remat=self.cfg.remat)
-        if cache is None:
-            return self.ln_f(run_layers(self.h, h, lambda blk, x, _: blk(x, mask), **run))
-        h, kv = run_layers(self.h, h, lambda blk, x, c: blk(x, mask, c),
-                           per_layer=cache.per_layer(), collect=True, **run)
-        return self.ln_f(h), cache.advance(kv, positions.shape[1])
+    def embed(self, input_ids: jax.Array, positions: jax.Array,
+              inputs_embeds: jax.Array | None) -> jax.Array:
+        """Token (or given) embeddings plus the learned position embeddings."""
+        return super().embed(input_ids, positions, inputs_embeds) + self.wpe(positions)
+
+    def layer_context(self, positions: jax.Array, mask: decoder.MaskFn
+                      ) -> tuple[Callable[[Any], decoder.Context], Any]:
+        ctx = decoder.Context(positions, mask(None), None)
+        return lambda _: ctx, None
 
 
 def build(cfg: GPT2Config, head: str, num_labels: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -237,10 +237,12 @@ class Dropout(nnx.Module):
     until then, so evaluation, export and serving never drop anything.
 
     Keeping the key out of an nnx rng stream keeps the step pure: nothing mutates inside grad.
+    A dropout inside stacked layers (a LoRA branch's) says its ``stack`` shape: it then holds one
+    key per layer, which the layer scan hands out like the layers' parameters.
     """
 
-    def __init__(self, rate: float):
-        self.rate = rate
+    def __init__(self, rate: float, stack: tuple[int, ...] = ()):
+        self.rate, self.stack = rate, tuple(stack)
         self.key = nnx.data(None)
 
     def __call__(self, x: jax.Array, salt: int = 0) -> jax.Array:
@@ -253,10 +255,12 @@ class Dropout(nnx.Module):
 
 
 def set_dropout_key(model: nnx.Module, key: jax.Array) -> None:
-    """Install a distinct key in every ``Dropout`` of ``model`` (training mode)."""
+    """Install a distinct key in every ``Dropout`` of ``model`` (training mode), one per layer
+    in a stacked one."""
     found = [m for _, m in nnx.iter_graph(model) if isinstance(m, Dropout)]
     for i, module in enumerate(found):
-        module.key = nnx.data(jax.random.fold_in(key, i))
+        own = jax.random.fold_in(key, i)
+        module.key = nnx.data(jax.random.split(own, module.stack) if module.stack else own)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

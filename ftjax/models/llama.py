@@ -8,16 +8,15 @@ names follow the Hugging Face module tree so checkpoint mapping stays one line p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax import sharding
-from ftjax.models import heads, layers, registry, weights
-from ftjax.models.kv_cache import KVCache, LayerKV
-from ftjax.models.stack import run_layers, stack_layers
+from ftjax.models import decoder, heads, layers, registry, weights
+from ftjax.models.kv_cache import LayerKV
+from ftjax.models.stack import stack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +61,14 @@ def _dtypes(cfg: LlamaConfig) -> dict:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-class LlamaAttention(layers.PrefixHook, nnx.Module):
+class LlamaAttention(decoder.Attention):
     """Rotary grouped-query attention; Gemma reuses the forward with its own scale and soft-cap."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         d, h, std = cfg.hidden_size, cfg.resolved_head_dim, cfg.initializer_range
         dt = _dtypes(cfg)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
-        self.scale, self.softcap = h ** -0.5, None
+        self.scale = h ** -0.5
         self.q_proj = layers.Linear(d, cfg.num_heads * h, axes=("embed", "heads"),
                                     use_bias=cfg.attention_bias, init_std=std, rngs=rngs, **dt)
         self.k_proj = layers.Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv"),
@@ -84,25 +83,18 @@ class LlamaAttention(layers.PrefixHook, nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 inv_freq: jax.Array, cache: LayerKV | None = None
-                 ) -> jax.Array | tuple[jax.Array, LayerKV]:
-        """With ``cache``: attend over the cache after writing the new keys; return it too."""
+    def __call__(self, x: jax.Array, ctx: decoder.Context, cache: LayerKV | None
+                 ) -> tuple[jax.Array, LayerKV | None]:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = layers.apply_rope(q, positions, inv_freq)
-        k = layers.apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            cache = cache.write(k, v)
-            k, v = cache.k, cache.v
-        out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                                           prefix=self.prefix_kv())
-        out = self.o_proj(out.reshape(b, t, -1))
-        return out if cache is None else (out, cache)
+        q = layers.apply_rope(q, ctx.positions, ctx.inv_freq)
+        k = layers.apply_rope(k, ctx.positions, ctx.inv_freq)
+        out, cache = self.attend(q, k, v, ctx.mask, cache)
+        return self.o_proj(out), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -129,17 +121,12 @@ class LlamaDecoderLayer(nnx.Module):
                                                        rngs=rngs, **dt)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, mask, inv_freq, cache: LayerKV | None = None):
-        attn = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, cache)
-        if cache is not None:
-            attn, cache = attn
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        x = sharding.constrain(x, "batch", "act_seq", "act_embed")
-        return x if cache is None else (x, cache)
+    def __call__(self, x: jax.Array, ctx: decoder.Context, cache: LayerKV | None):
+        return decoder.pre_norm_block(x, ctx, cache, self.input_layernorm, self.self_attn,
+                                      self.post_attention_layernorm, self.mlp)
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(decoder.Decoder):
     """The backbone: token ids -> final normalised hidden states ``[B, T, D]``."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
@@ -150,31 +137,12 @@ class LlamaModel(nnx.Module):
         self.layers = stack_layers(lambda r: LlamaDecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **dt)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 inputs_embeds: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """With ``cache`` (incremental decoding) also returns the cache holding the new tokens."""
+    def layer_context(self, positions: jax.Array, mask: decoder.MaskFn
+                      ) -> tuple[Callable[[Any], decoder.Context], Any]:
         cfg = self.cfg
-        positions, segment_ids = layers.default_positions_and_segments(
-            input_ids, attention_mask, positions, segment_ids)
-        if cache is None:
-            mask = layers.attention_mask(segment_ids, segment_ids, positions, positions,
-                                         causal=True, sliding_window=cfg.sliding_window)
-        else:
-            cache = cache.append(positions, segment_ids)
-            mask = cache.mask(positions, segment_ids, cfg.sliding_window)
         inv_freq = layers.rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        h = sharding.constrain(h, "batch", "act_seq", "act_embed")
-        if cache is None:
-            h = run_layers(self.layers, h, lambda blk, x, _: blk(x, positions, mask, inv_freq),
-                           scan=cfg.scan_layers, remat=cfg.remat)
-            return self.norm(h)
-        h, kv = run_layers(self.layers, h, lambda blk, x, c: blk(x, positions, mask, inv_freq, c),
-                           scan=cfg.scan_layers, remat=cfg.remat, per_layer=cache.per_layer(),
-                           collect=True)
-        return self.norm(h), cache.advance(kv, positions.shape[1])
+        ctx = decoder.Context(positions, mask(cfg.sliding_window), inv_freq)
+        return lambda _: ctx, None
 
 
 def hf_weight_map(cfg: LlamaConfig, head: str) -> list[weights.WeightSpec]:

@@ -4,7 +4,9 @@
 ``B [r, out] = 0`` so a fresh adapter changes nothing, and ``s = alpha / r`` (rsLoRA:
 ``alpha / sqrt(r)``). DoRA learns a per-output-column magnitude ``m`` (initialised to the column
 norms of ``W``) and rescales the adapted weight to it: ``y = (m / ||W + s A B||) (x W + s x A B) + b``,
-the norm treated as a constant in the backward pass, as in the paper and PEFT.
+the norm treated as a constant in the backward pass, as in the paper and PEFT. Other
+initialisations (Gaussian, PiSSA, OLoRA: ``lora.init``) are in ``lora_init``; LoRA+ (``B`` at
+``lora.plus_ratio x`` the learning rate) in ``loraplus``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.models import layers, registry as families
-from ftjax.peft import freezing, registry, surgery
+from ftjax.peft import freezing, lora_init, loraplus, registry, surgery
 from ftjax.peft.linear import WrappedLinear
 from ftjax.peft.plan import Context, MethodPlan, adapter_plan
 
@@ -51,10 +53,12 @@ class LoRALinear(WrappedLinear):
     mergeable = True
 
     def __init__(self, base: layers.Linear, *, rank: int, alpha: float, rslora: bool = False,
-                 dora: bool = False, key: jax.Array):
+                 dora: bool = False, init: str = "true", dropout: float = 0.0, key: jax.Array):
         super().__init__(base)
         if rank < 1:
             raise ValueError(f"config.method.lora.rank={rank} must be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"config.method.lora.dropout={dropout} must be in [0, 1)")
         kernel = base.kernel
         lead_shape, lead_axes = surgery.lead(kernel, 2)
         in_axis, out_axis = surgery.axes_of(kernel)[-2:]
@@ -62,7 +66,7 @@ class LoRALinear(WrappedLinear):
         scale = alpha / (math.sqrt(rank) if rslora else rank)
         self.scaling = surgery.new_param(kernel, surgery.constant(scale), lead_shape, lead_axes,
                                          key, dtype=jnp.float32, cls=LoRAScale)
-        self.lora_a = surgery.new_param(kernel, surgery.uniform(1 / math.sqrt(self.in_features)),
+        self.lora_a = surgery.new_param(kernel, lora_init.a_init(init, self.in_features, rank),
                                         lead_shape + (self.in_features, rank),
                                         lead_axes + (in_axis, "lora_rank"), key)
         self.lora_b = surgery.new_param(kernel, surgery.constant(0.0),
@@ -75,6 +79,10 @@ class LoRALinear(WrappedLinear):
             self.magnitude = surgery.AdapterParam(norm.astype(surgery.float_dtype(kernel)),
                                        logical_axes=lead_axes + (out_axis,))
         self.merge_scale = nnx.data(None)  # DoRA: the column scale used by merge(), kept for unmerge()
+        # PEFT's lora_dropout on the branch's input: one key per stacked layer, train step only
+        self.lora_dropout = layers.Dropout(dropout, stack=lead_shape) if dropout else None
+        # PiSSA/OLoRA: the base kernel becomes W - s A0 B0; (A0, B0) are kept for the PEFT export
+        self.lora_a0, self.lora_b0 = lora_init.initialise(self, init, scale, key)
 
     def delta(self) -> jax.Array:
         """``s A B`` ``[..., in, out]`` (stacked axes included)."""
@@ -90,14 +98,21 @@ class LoRALinear(WrappedLinear):
         if self.merged:
             return super().__call__(x)
         x = x.astype(self.dtype)
+        dropped = x if self.lora_dropout is None else self.lora_dropout(x)  # x itself in eval
         w = self.weight()
         a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
         y = jnp.einsum("...i,io->...o", x, w)
         s = self.scaling[...].astype(self.dtype)  # a scalar here: blocks run one layer at a time
-        update = s * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+        update = s * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", dropped, a), b)
         if self.magnitude is None:
             return self.add_bias(y + update)
-        return self.add_bias(self.dora_scale(w).astype(self.dtype) * (y + update))
+        scale = self.dora_scale(w).astype(self.dtype)
+        if dropped is x:
+            return self.add_bias(scale * (y + update))
+        # PEFT's DoRA under dropout: the base output keeps x, the magnitude's correction sees the
+        # dropped input: x W + (scale - 1) x' W + scale s x' A B
+        dropped_y = jnp.einsum("...i,io->...o", dropped, w)
+        return self.add_bias(y + (scale - 1) * dropped_y + scale * update)
 
     def merged_weights(self) -> tuple[jax.Array, jax.Array | None]:
         w, bias = super().merged_weights()
@@ -117,8 +132,8 @@ class LoRALinear(WrappedLinear):
 
     def peft_tensors(self) -> dict[str, np.ndarray]:
         """PEFT's ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` (and DoRA's magnitude)."""
-        out = {"lora_A.weight": np.swapaxes(surgery.host(self.lora_a), -1, -2),
-               "lora_B.weight": np.swapaxes(surgery.host(self.lora_b), -1, -2)}
+        a, b = lora_init.exported_ab(self)  # after PiSSA/OLoRA: a rank-2r LoRA on the original base
+        out = {"lora_A.weight": np.swapaxes(a, -1, -2), "lora_B.weight": np.swapaxes(b, -1, -2)}
         if self.magnitude is not None:
             out["lora_magnitude_vector"] = surgery.host(self.magnitude)
         return out
@@ -132,10 +147,12 @@ class LoRALinear(WrappedLinear):
 
 def _apply(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> MethodPlan:
     lo = m.lora
+    init = lora_init.check(lo.init, m.kind)
     adapted = set(surgery.wrap_linears(
         model, layers.Linear, targets(model, lo.targets),
         lambda p, lin: LoRALinear(lin, rank=lo.rank, alpha=lo.alpha, rslora=lo.rslora,
-                                  dora=m.kind == "dora", key=next(ctx.keys)), m.kind))
+                                  dora=m.kind == "dora", init=init, dropout=float(lo.dropout),
+                                  key=next(ctx.keys)), m.kind))
     if m.kind == "qlora":  # every stacked kernel is stored quantised, adapted or not
         for path, lin in surgery.find(model, (layers.Linear, WrappedLinear)):
             if not freezing.is_stacked(lin.kernel):
@@ -144,20 +161,24 @@ def _apply(model: nnx.Module, m: ml_collections.ConfigDict, ctx: Context) -> Met
                 lin = WrappedLinear(lin)
                 surgery.replace(model, path, lin)
             lin.quantize(m.qlora.quant, m.qlora.block_size)
-    return adapter_plan(model, ctx)
+    return loraplus.with_ratio(adapter_plan(model, ctx), float(lo.plus_ratio))
 
 
 def _peft_config(model: nnx.Module, m: ml_collections.ConfigDict, found: list,
                  regex: Callable[[list], str]) -> dict[str, Any]:
-    return dict(r=found[0][1].rank, lora_alpha=float(m.lora.alpha), use_rslora=bool(m.lora.rslora),
+    rank, alpha = lora_init.exported_rank_alpha(found[0][1], float(m.lora.alpha), bool(m.lora.rslora))
+    return dict(r=rank, lora_alpha=alpha, use_rslora=bool(m.lora.rslora),
                 use_dora=m.kind == "dora", target_modules=regex([p for p, _ in found]),
-                lora_dropout=0.0, bias="none", fan_in_fan_out=False, init_lora_weights=True)
+                lora_dropout=float(m.lora.dropout), bias="none", fan_in_fan_out=False,
+                init_lora_weights=lora_init.peft_name(m.lora.init))
 
 
 def _from_peft(config: dict, select: Callable[[Any], str]) -> dict[str, Any]:
     return dict(kind="dora" if config.get("use_dora") else "lora",
                 lora=dict(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                           rslora=bool(config.get("use_rslora")),
+                          dropout=float(config.get("lora_dropout") or 0.0),
+                          init=lora_init.from_peft(config.get("init_lora_weights", True)),
                           targets=select(config["target_modules"])))
 
 
@@ -165,7 +186,10 @@ PEFT = registry.PeftFormat("LORA", _peft_config, _from_peft)
 registry.register(registry.Method(
     "lora", _apply, mergeable=True, peft=PEFT,
     # dora/qlora too; targets: a regex over module paths, "" = the family's default
-    defaults={"lora": dict(rank=8, alpha=16.0, targets="", rslora=False)}))
+    defaults={"lora": dict(rank=8, alpha=16.0, targets="", rslora=False,
+                           init="true",  # PEFT's init_lora_weights: true|gaussian|pissa[_niter_N]|olora
+                           plus_ratio=0.0,  # LoRA+: B's lr = plus_ratio x lr; 0 = off
+                           dropout=0.0)}))  # PEFT's lora_dropout, on the LoRA input, training only
 registry.register(registry.Method("dora", _apply, mergeable=True, peft=PEFT))
 registry.register(registry.Method(
     "qlora", _apply, mergeable=True, peft=PEFT,

@@ -44,7 +44,11 @@ def program_key(config: ml_collections.ConfigDict) -> str | None:
     if config.log.wandb:
         return None
     flat = _flat(config.to_dict())
-    return json.dumps({k: v for k, v in flat.items() if k not in FUSABLE}, sort_keys=True, default=str)
+    fusable = FUSABLE
+    init = str(config.method.lora.init)
+    if init == "olora" or init.startswith("pissa"):  # lora_init.moves_base: the frozen A0, B0
+        fusable = tuple(k for k in FUSABLE if k != "method.lora.rank")  # have the arm's rank
+    return json.dumps({k: v for k, v in flat.items() if k not in fusable}, sort_keys=True, default=str)
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
