@@ -168,7 +168,9 @@ class FtjaxTrainer:
         self.state = jax.jit(lambda p: TrainState(
             step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p),
             rng=jax.random.key(0)))(self.params)
-        self.step_fn = jax.jit(make_train_step(graphdef, self.tx, kind=kind), donate_argnums=(0,))
+        self.step_fn = jax.jit(make_train_step(graphdef, self.tx, kind=kind,
+                                               loss_chunk=config.train.loss_chunk),
+                               donate_argnums=(0,))
         self.batch = sharding.shard_batch(batch, mesh)
         jax.block_until_ready((self.state, self.frozen, self.batch))
 

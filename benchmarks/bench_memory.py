@@ -5,7 +5,8 @@
 
 Rows run the train benchmark's workers (``bench_train.py``: same weights, batch 8 x 128, AdamW)
 and report the process's peak RSS, its RSS once the model and optimizer are ready, the optimizer
-state's bytes, and, for ftjax, ``ftjax.train.memory``'s estimate of the step's memory. QLoRA here
+state's bytes, and, for ftjax, ``ftjax.train.memory``'s estimate of the step's memory; ftjax runs
+its default chunked LM loss (``config.train.loss_chunk``), ``ftjax-unchunked`` the full logits. QLoRA here
 is ftjax's NF4 (block 64) base with LoRA r=8 on q/v; PyTorch has no CPU QLoRA (bitsandbytes'
 4-bit kernels need CUDA), so that row is ftjax only.
 """
@@ -21,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _common, bench_train  # noqa: E402
 
-ROWS = (("smollm2-full", "ftjax"), ("smollm2-lora", "ftjax"), ("smollm2-qlora", "ftjax"),
+ROWS = (("smollm2-full", "ftjax"), ("smollm2-full", "ftjax-unchunked"), ("smollm2-lora", "ftjax"),
+        ("smollm2-qlora", "ftjax"),
         ("smollm2-full", "torch"), ("smollm2-lora", "torch"))
 
 

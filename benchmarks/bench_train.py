@@ -14,6 +14,9 @@ steps. Round 0 runs ``--steps`` steps; later rounds run ``--timed-steps``. Parit
 stack's first round with ftjax's in that round (step-0 loss within 1e-4 relative, the curves
 within ``--curve-rtol``). The stack order alternates between rounds; ``torch.compile`` runs in
 ``--compile-round`` only. The reported ratio is the median over rounds of the per-round ratio.
+Stack ``ftjax-unchunked`` is ftjax with the full ``[B, T, V]`` logits (``config.train.loss_chunk=0``)
+instead of its default chunked LM loss: ``--stacks=ftjax,ftjax-unchunked,torch`` measures the
+chunking in the same interleaved rounds.
 
 Accelerator mode (random weights at real size, ftjax only; tokens/s/device and MFU):
 
@@ -106,11 +109,15 @@ def _timed_steps(step: Callable[[], float], steps: int) -> tuple[list[float], li
     return losses, times
 
 
-def ftjax_worker(case: dict[str, Any], batch: dict[str, np.ndarray], steps: int) -> dict[str, Any]:
+def ftjax_worker(case: dict[str, Any], batch: dict[str, np.ndarray], steps: int,
+                 chunked: bool = True) -> dict[str, Any]:
+    """ftjax's run; ``chunked=False`` (stack ``ftjax-unchunked``) materialises the full logits
+    (``config.train.loss_chunk=0``) instead of the default chunked LM loss."""
     import jax
     from ftjax import sharding
     from ftjax.models.assets import minilm_path, smollm2_gguf_path
     from ftjax.models.loading import from_pretrained
+    from ftjax.config import base_config
     from ftjax.train import memory
 
     start = time.perf_counter()
@@ -141,12 +148,13 @@ def ftjax_worker(case: dict[str, Any], batch: dict[str, np.ndarray], steps: int)
 
     trainer = _common.FtjaxTrainer(
         model, inputs, mesh, method=case["method"], kind="lm" if case["model"] == "smollm2" else
-        "classification", learning_rate=case["lr"], train=ADAMW,
+        "classification", learning_rate=case["lr"], train=ADAMW if chunked else dict(ADAMW, loss_chunk=0),
         lora=dict(rank=LORA["rank"], alpha=LORA["alpha"]), init=init)
     load_s = time.perf_counter() - start
     rss_loaded = _common.rss_mb()
     est = memory.estimate(trainer.params, trainer.frozen, trainer.tx, mesh, cfg,
-                          batch_size=case["batch"], seq_len=case["seq"], remat=cfg.remat)
+                          batch_size=case["batch"], seq_len=case["seq"], remat=cfg.remat,
+                          loss_chunk=base_config().train.loss_chunk if chunked else 0)
     losses, times = _timed_steps(trainer.step, steps)
     return dict(losses=losses, step_s=times, load_s=load_s, rss_after_load_mb=rss_loaded,
                 trainable=trainer.num_trainable, optimizer_bytes=trainer.optimizer_bytes(),
@@ -219,8 +227,8 @@ def torch_worker(case: dict[str, Any], batch: dict[str, np.ndarray], steps: int,
 def worker(spec: dict[str, Any]) -> None:
     case = CASES[spec["case"]]
     batch = dict(np.load(spec["batch"]))
-    if spec["stack"] == "ftjax":
-        out = ftjax_worker(case, batch, spec["steps"])
+    if spec["stack"] in ("ftjax", "ftjax-unchunked"):
+        out = ftjax_worker(case, batch, spec["steps"], chunked=spec["stack"] == "ftjax")
     else:
         out = torch_worker(case, batch, spec["steps"],
                            compile_model=spec["stack"] == "torch-compile")
@@ -335,6 +343,7 @@ def compare(args: argparse.Namespace) -> None:
 
 def accelerator(args: argparse.Namespace) -> None:
     import jax
+    from ftjax.config import base_config
     from ftjax import sharding
     from ftjax.models.loading import from_pretrained
     from ftjax.train import memory
@@ -354,7 +363,8 @@ def accelerator(args: argparse.Namespace) -> None:
     if args.method != "full":
         flops += 6.0 * trainer.num_trainable - 2.0 * base_weights
     estimate = memory.estimate(trainer.params, trainer.frozen, trainer.tx, mesh, model.model.cfg,
-                               batch_size=args.batch, seq_len=args.seq, remat=args.remat)
+                               batch_size=args.batch, seq_len=args.seq, remat=args.remat,
+                               loss_chunk=base_config().train.loss_chunk)
     print(estimate.summary(), flush=True)
     load_s = time.perf_counter() - start
 

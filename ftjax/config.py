@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=10,
         min_lr_ratio=0.0,
         grad_clip=1.0,  # global-norm clipping; 0 disables
+        # Causal LM: the head + cross-entropy over this many positions at a time (recomputed in
+        # the backward pass); 0 = all at once. Experimental: same loss and gradients, but XLA
+        # does not yet free most of the [B, T, V] logits (tests/test_lm_loss_chunked.py).
+        loss_chunk=0,
     ))
     # Axis sizes (one may be -1 = the rest); num_devices > 0 uses only the first N devices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))
@@ -122,7 +126,20 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = as_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a training run?")
-    return finalize(ml_collections.ConfigDict(json.loads(path.read_text())))
+    return finalize(ml_collections.ConfigDict(with_defaults(json.loads(path.read_text()),
+                                                           base_config().to_dict())))
+
+
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key of ``defaults`` it lacks (a run saved before the key existed gets
+    the default, i.e. the behaviour it was trained with); saved values and extra keys are kept."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 class ConfigArgError(FtjaxError, ValueError):

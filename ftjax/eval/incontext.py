@@ -129,7 +129,8 @@ def evaluate_incontext(model: nnx.Module, tokenizer: Any, config: ml_collections
         ep = build_episode(config.data, tokenizer, icl, draw)
         if evaluator is None:
             evaluator = Evaluator(graphdef, mesh, kind="lm", num_labels=len(ep.label_names),
-                                  label_names=ep.label_names, choices=True)
+                                  label_names=ep.label_names, choices=True,
+                                  loss_chunk=config.train.loss_chunk)
         longest = max(len(p) for p in ep.queries + ep.content_free) + max(len(o) for o in ep.options)
         length = -(-longest // 16) * 16
 

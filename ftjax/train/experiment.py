@@ -54,6 +54,9 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split evenly over data x fsdp, micro-batches and processes."""
     t = config.train
     divisor = sharding.batch_divisor(mesh)
+    if t.loss_chunk < 0:
+        raise ConfigError(f"config.train.loss_chunk={t.loss_chunk} must be >= 0 (positions per "
+                          f"chunk of the LM loss; 0 = unchunked)")
     if t.grad_accum < 1:
         raise ConfigError(f"config.train.grad_accum={t.grad_accum} must be >= 1")
     if t.batch_size % t.grad_accum:

@@ -123,7 +123,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         make_train_step(exp.graphdef, tx, kind=exp.kind, grad_accum=t.grad_accum,
                         schedule=optim.schedule_shape(t),
                         extra_loss_fn=regularizers.from_config(config, exp),
-                        num_tasks=exp.pipe.info.num_tasks, step_hook=exp.plan.step_hook),
+                        num_tasks=exp.pipe.info.num_tasks, step_hook=exp.plan.step_hook,
+                        loss_chunk=t.loss_chunk),
         in_shardings=(state_sharding, frozen_sharding, None),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
 

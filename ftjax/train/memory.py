@@ -10,7 +10,8 @@ estimated from the architecture, the per-device micro-batch and the remat policy
       dots:                   3D + 2(N + K)H + 2F + NT
       dots_no_batch:          3D + (N + 2K)H + 2F
       full:                   D   (+ one layer's 'none' set, rebuilt during its backward pass)
-    once per token: the float32 logits and their gradient (2 x 4V bytes)
+    once per token: the float32 logits and their gradient (2 x 4V bytes); with the LM loss in
+      chunks of C positions (config.train.loss_chunk) only one chunk's: B x min(C, T) tokens
 
 with D the width, F the MLP width, N/K query/key-value heads of size H, T the sequence length.
 Head-, MLP- and vocabulary-sized terms are divided by the ``tensor`` axis. XLA's own temporaries
@@ -125,7 +126,8 @@ def optimizer_bytes(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -
     return sum(jax.tree.leaves(sizes))
 
 
-def activation_bytes(arch: Any, batch: int, seq_len: int, remat: str, tensor: int = 1) -> int:
+def activation_bytes(arch: Any, batch: int, seq_len: int, remat: str, tensor: int = 1,
+                     loss_chunk: int = 0) -> int:
     """Activations kept for the backward pass (see the module docstring), per device."""
     d, layers = arch.hidden_size, arch.num_layers
     f = getattr(arch, "intermediate_size", None) or 4 * d
@@ -146,7 +148,8 @@ def activation_bytes(arch: Any, batch: int, seq_len: int, remat: str, tensor: in
     rebuilt = full_set if remat in ("dots", "dots_no_batch", "full") else 0  # one layer's backward
     stored = layers * per_layer[remat] + rebuilt
     logits = 2 * 4 * arch.vocab_size / tensor
-    return int(batch * seq_len * (stored + logits))
+    logit_positions = min(loss_chunk, seq_len) if loss_chunk > 0 else seq_len
+    return int(batch * (seq_len * stored + logit_positions * logits))
 
 
 def device_limit(device: Any = None) -> int | None:
@@ -165,21 +168,22 @@ def device_limit(device: Any = None) -> int | None:
 
 def estimate(params: Any, frozen: Any, tx: optax.GradientTransformation, mesh: Mesh, arch: Any, *,
              batch_size: int, seq_len: int, remat: str = "none", grad_accum: int = 1,
-             trains_everything: bool = False, limit: int | None = None) -> MemoryEstimate:
+             trains_everything: bool = False, limit: int | None = None,
+             loss_chunk: int = 0) -> MemoryEstimate:
     """Estimate per-device memory of training ``params`` (with ``frozen`` alongside) by ``tx``.
 
     ``batch_size`` is the global batch of one optimizer step (split into ``grad_accum``
     micro-batches, each over the mesh's data x fsdp axes). ``arch`` is the model's architecture
-    config (width, layers, heads, vocabulary).
+    config (width, layers, heads, vocabulary); ``loss_chunk`` is ``config.train.loss_chunk``.
     """
     trainable = state_bytes(params, mesh)
     batch = max(1, batch_size // grad_accum // sharding.batch_divisor(mesh))
     tensor = mesh.shape["tensor"]
-    by_remat = {r: activation_bytes(arch, batch, seq_len, r, tensor) for r in REMAT_ORDER}
+    by_remat = {r: activation_bytes(arch, batch, seq_len, r, tensor, loss_chunk) for r in REMAT_ORDER}
     return MemoryEstimate(
         params=trainable + state_bytes(frozen, mesh), grads=trainable,
         optimizer=optimizer_bytes(tx, params, mesh),
-        activations=activation_bytes(arch, batch, seq_len, remat, tensor), limit=limit,
+        activations=activation_bytes(arch, batch, seq_len, remat, tensor, loss_chunk), limit=limit,
         remat=remat, activations_by_remat=by_remat, trains_everything=trains_everything,
         batch_per_device=batch, grad_accum=grad_accum,
         model_shards=mesh.shape["fsdp"] * tensor, devices=mesh.devices.size)
@@ -192,7 +196,8 @@ def for_experiment(exp: Any, tx: optax.GradientTransformation) -> MemoryEstimate
     frozen_weights = jax.tree.leaves(nnx.filter_state(exp.frozen, nnx.Param))
     return estimate(exp.params, exp.frozen, tx, exp.mesh, arch, batch_size=c.train.batch_size,
                     seq_len=c.data.seq_len, remat=c.model.remat, grad_accum=c.train.grad_accum,
-                    trains_everything=not frozen_weights, limit=device_limit())
+                    trains_everything=not frozen_weights, limit=device_limit(),
+                    loss_chunk=c.train.loss_chunk)
 
 
 def check(est: MemoryEstimate) -> None:

@@ -16,7 +16,8 @@ import optax
 from flax import nnx
 
 from ftjax.models import layers
-from ftjax.train import optim
+from ftjax.train import lm_loss, optim
+from ftjax.train.lm_loss import cross_entropy, is_argmax  # noqa: F401 (re-exported)
 
 LOSS_KINDS = {"causal_lm": "lm", "sequence_classification": "classification",
               "token_classification": "token"}
@@ -37,26 +38,6 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     seg = batch["segment_ids"]
     return dict(input_ids=batch["input_ids"], attention_mask=(seg > 0).astype(jnp.int32),
                 positions=batch["positions"], segment_ids=seg)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-position negative log-likelihood in float32 (labels outside range give garbage: mask them)."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-    return logz - picked
-
-
-def is_argmax(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``argmax(logits, -1) == labels`` (ties go to the first index), without an argmax.
-
-    XLA:CPU runs argmax as a slow (value, index) reduction: over a 49k vocabulary it cost more
-    than the log-softmax. Here: the label's logit is the maximum and no earlier class reaches it.
-    """
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)
-    earlier_tie = jnp.any((logits == top) & (jnp.arange(logits.shape[-1]) < labels[..., None]), -1)
-    return (picked[..., 0] >= top[..., 0]) & ~earlier_tie & (labels >= 0)
 
 
 def restrict_to_task(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
@@ -86,7 +67,23 @@ def loss_terms(logits: jax.Array, batch: dict[str, jax.Array], kind: str, num_ta
         raise ValueError(f"unknown loss kind {kind!r}")
     nll = cross_entropy(logits, labels)
     correct = is_argmax(logits, labels).astype(jnp.float32)
-    terms = (nll * weights, weights, correct * weights)
+    return _sum_terms((nll * weights, weights, correct * weights), batch, num_tasks)
+
+
+def lm_loss_terms(model: nnx.Module, batch: dict[str, jax.Array], chunk: int, num_tasks: int = 0
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`loss_terms` of kind "lm" from the model, its head and loss over ``chunk``
+    positions at a time (``lm_loss.row_sums``) so the ``[B, T, V]`` logits never exist."""
+    if chunk <= 0 or not lm_loss.chunkable(model):
+        return loss_terms(model(**model_inputs(batch)), batch, "lm", num_tasks)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    nll, correct = lm_loss.model_row_sums(model, model_inputs(batch), batch["targets"], weights,
+                                          chunk)
+    return _sum_terms((nll, weights, correct), batch, num_tasks)
+
+
+def _sum_terms(terms: tuple[jax.Array, ...], batch: dict[str, jax.Array], num_tasks: int
+               ) -> tuple[jax.Array, ...]:
     if num_tasks <= 1:
         return tuple(jnp.sum(x) for x in terms)
     return tuple(jax.ops.segment_sum(x.reshape(x.shape[0], -1).sum(1), batch["task_id"],
@@ -109,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     schedule: Callable[[Any], Any] | None = None,
                     grad_mask_fn: Callable[[Any, jax.Array], Any] | None = None,
                     extra_loss_fn: Callable[[Any], jax.Array] | None = None,
-                    num_tasks: int = 0, step_hook: Any = None):
+                    num_tasks: int = 0, step_hook: Any = None, loss_chunk: int = 0):
     """Build ``step(state, frozen, batch) -> (state, metrics)`` (not yet jitted).
 
     ``grad_mask_fn(grads, step)`` may zero gradients (the fused arms' padding; a method's
@@ -118,6 +115,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     metrics add ``task_loss``, ``task_accuracy`` and ``task_weight``, each ``[num_tasks]``.
     A method's ``step_hook`` (``peft.plan.StepHook``) adds its ``loss`` and, after the optimizer,
     updates ``state.method_state`` (and may change the new params) from the gradients.
+    ``loss_chunk`` > 0 (kind "lm"): the LM head and loss run over that many positions at a time
+    (see ``lm_loss``).
     """
     if step_hook is not None and step_hook.loss is not None:
         extra_loss_fn = step_hook.loss if extra_loss_fn is None else (
@@ -125,8 +124,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
 
     def loss_sum(params, frozen, micro, rng):
         model = training_model(graphdef, params, frozen, rng)
-        logits = model(**model_inputs(micro))
-        total, weight, correct = loss_terms(logits, micro, kind, num_tasks)
+        if kind == "lm":
+            total, weight, correct = lm_loss_terms(model, micro, loss_chunk, num_tasks)
+        else:
+            total, weight, correct = loss_terms(model(**model_inputs(micro)), micro, kind, num_tasks)
         return jnp.sum(total), (total, weight, correct)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
