@@ -192,5 +192,20 @@ def test_fuse_flag_and_memory_refusal():
     # frozen 2.75 GiB once + 1.25 GiB per arm: 1 arm fits in 5 GiB, 2 do not; 2 shards hold 2.
     assert fused.budget(est, 2, 1) == (int(2.75 * gib + 2 * 1.25 * gib), 1)
     assert fused.budget(est, 2, 2)[1] == 2
+    # one arm per pass (a CPU, per-arm batches): gradients + activations (0.5 GiB) once, each
+    # arm's params + optimizer state (0.75 GiB) kept: 2.75 + 2 x 0.75 + 0.5 = 4.75 GiB, 2 fit.
+    assert fused.budget(est, 2, 1, per_pass=1) == (int(4.75 * gib), 2)
+    assert fused.budget(est, 4, 1, per_pass=1)[1] == 2
     with pytest.raises(fused.FusedMemoryError, match="at most 1 fit: use --fuse=max_arms=1"):
         fused._check_budget(est, 2, 1)
+
+
+def test_a_method_with_its_own_step_state_is_not_fused(bert_dir):
+    """AdaLoRA's rank allocation lives in its own train step: build_group refuses its arms
+    (FusedError), which train_in_groups answers by training them one at a time."""
+    from ftjax.train import fused
+    arms = [(f"s{s}", _config(bert_dir, **{"method.kind": "adalora", "method.adalora.total_step": STEPS,
+                                           "train.seed": s}), bert_dir.parent / f"adalora-s{s}")
+            for s in (0, 1)]
+    with pytest.raises(fused.FusedError, match="'adalora' keeps state its own train step updates"):
+        fused.build_group(arms)

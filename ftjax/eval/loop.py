@@ -15,7 +15,7 @@ Kinds (``Evaluator(kind=...)``):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +27,22 @@ from ftjax import sharding
 from ftjax.eval import entities as entities_lib
 from ftjax.eval import metrics as metrics_lib
 from ftjax.eval.byte_counts import token_byte_lengths
-from ftjax.train.step import IGNORE, cross_entropy, loss_terms, model_inputs, restrict_to_task
+from ftjax.train import lm_loss
+from ftjax.train.step import IGNORE, lm_loss_terms, loss_terms, model_inputs, restrict_to_task
 
 KINDS = ("lm", "classification", "token")
 _CHOICE_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
 
-def choice_log_likelihoods(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-    """Summed log-likelihood ``[B, C]`` of every option's target tokens (``choice_*`` ``[B, C, T]``)."""
+def choice_log_likelihoods(model: nnx.Module, batch: dict[str, jax.Array], chunk: int = 0
+                           ) -> jax.Array:
+    """Summed log-likelihood ``[B, C]`` of every option's target tokens (``choice_*`` ``[B, C, T]``);
+    ``chunk`` > 0 scores ``chunk`` positions at a time (``lm_loss.row_sums``)."""
     b, c, t = batch["choice_input_ids"].shape
     flat = {k: batch[f"choice_{k}"].reshape(b * c, t) for k in _CHOICE_KEYS}
-    logits = model(**model_inputs(flat))
-    nll = cross_entropy(logits, flat["targets"]) * flat["loss_mask"]
-    return -nll.sum(-1).reshape(b, c)
+    weights = flat["loss_mask"].astype(jnp.float32)
+    nll, _ = lm_loss.model_row_sums(model, model_inputs(flat), flat["targets"], weights, chunk)
+    return -nll.reshape(b, c)
 
 
 def _confusion(labels: jax.Array, preds: jax.Array, weights: jax.Array, n: int) -> jax.Array:
@@ -58,13 +61,14 @@ def _init_acc(kind: str, num_labels: int, choices: bool) -> dict[str, jax.Array]
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: int, *,
                    choices: bool = False, byte_lengths: np.ndarray | None = None,
-                   gather_tags: bool = False):
+                   gather_tags: bool = False, loss_chunk: int = 0):
     """``step(params, frozen, batch, acc, option_bias) -> (acc, tags)`` for one batch.
 
     With ``option_bias`` ``[C]`` (contextual calibration) a second confusion matrix,
     ``acc["calibrated"]``, counts the argmax of the choice log-likelihoods minus the bias, from
     the same forward pass. ``tags`` holds replicated token predictions, labels and mask when
-    ``gather_tags``; otherwise it is empty.
+    ``gather_tags``; otherwise it is empty. ``loss_chunk`` > 0: a causal LM's head and loss run
+    over that many positions at a time (``lm_loss``).
     """
     replicated = NamedSharding(mesh, P())
     table = None if byte_lengths is None else jnp.asarray(byte_lengths, jnp.float32)
@@ -74,7 +78,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
         w = batch["example_mask"].astype(jnp.float32)
         acc, tags = dict(acc), {}
         if choices:
-            ll = choice_log_likelihoods(model, batch)
+            ll = choice_log_likelihoods(model, batch, loss_chunk)
             labels = jnp.clip(batch["labels"], 0, ll.shape[1] - 1)
             gold_tokens = jnp.take_along_axis(batch["choice_loss_mask"].sum(-1), labels[:, None], 1)[:, 0]
             acc["nll"] += -jnp.sum(jnp.take_along_axis(ll, labels[:, None], 1)[:, 0] * w)
@@ -86,8 +90,11 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
                 preds = jnp.argmax(jnp.where(allowed, ll - option_bias, -jnp.inf), -1)
                 acc["calibrated"] += _confusion(batch["labels"], preds, w, num_labels)
             return acc, tags
-        logits = restrict_to_task(model(**model_inputs(batch)), batch)
-        total, weight, _ = loss_terms(logits, batch, kind)
+        if kind == "lm":
+            total, weight, _ = lm_loss_terms(model, batch, loss_chunk)
+        else:
+            logits = restrict_to_task(model(**model_inputs(batch)), batch)
+            total, weight, _ = loss_terms(logits, batch, kind)
         acc["nll"] += total
         acc["weight"] += weight
         if kind == "lm" and table is not None:
@@ -111,7 +118,7 @@ class Evaluator:
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, *, kind: str, num_labels: int = 0,
                  label_names: Sequence[str] | None = None, choices: bool = False,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, loss_chunk: int = 0):
         if kind not in KINDS:
             raise ValueError(f"eval kind {kind!r}; choose from {KINDS}")
         if choices and (kind != "lm" or not num_labels):
@@ -124,11 +131,14 @@ class Evaluator:
         # The accumulators stay replicated in and out, so the second batch reuses the first
         # batch's program (an unplaced accumulator came back with another sharding: two compiles).
         self._replicated = NamedSharding(mesh, P())
-        self._step = jax.jit(make_eval_step(graphdef, mesh, kind, num_labels, choices=choices,
-                                            byte_lengths=byte_lengths, gather_tags=self.entities),
-                             out_shardings=self._replicated, donate_argnums=(3,))
+        self._raw_step = make_eval_step(graphdef, mesh, kind, num_labels, choices=choices,
+                                        byte_lengths=byte_lengths, gather_tags=self.entities,
+                                        loss_chunk=loss_chunk)
+        self._step = jax.jit(self._raw_step, out_shardings=self._replicated, donate_argnums=(3,))
+        self._arm_steps: dict = {}  # run_arms' vmapped step, for the latest (frozen_of, num_arms)
         self._score = jax.jit(
-            lambda params, frozen, batch: choice_log_likelihoods(nnx.merge(graphdef, params, frozen), batch))
+            lambda params, frozen, batch: choice_log_likelihoods(nnx.merge(graphdef, params, frozen),
+                                                                 batch, loss_chunk))
 
     @classmethod
     def for_experiment(cls, exp: Any) -> "Evaluator":
@@ -136,7 +146,8 @@ class Evaluator:
         info = exp.pipe.info
         return cls(exp.graphdef, exp.mesh, kind=exp.kind, num_labels=info.num_labels,
                    label_names=info.label_names, tokenizer=exp.tokenizer,
-                   choices=exp.kind == "lm" and info.task == "text_to_text")
+                   choices=exp.kind == "lm" and info.task == "text_to_text",
+                   loss_chunk=exp.config.train.loss_chunk)
 
     def scores(self, params: Any, frozen: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Per-option summed log-likelihoods ``[B, C]`` of one ``choice_*`` batch."""
@@ -146,6 +157,36 @@ class Evaluator:
             max_batches: int = 0, option_bias: np.ndarray | None = None) -> dict:
         """One pass over ``batches``; with ``option_bias`` [C] (choices only) the result also holds
         ``calibrated``: the metrics of the bias-corrected predictions (see make_eval_step)."""
+        acc, bias = self._start(option_bias)
+        acc, gathered = self._accumulate(
+            lambda batch, acc: self._step(params, frozen, batch, acc, bias), acc, batches, max_batches)
+        return self._metrics(jax.device_get(acc), jax.device_get(gathered))
+
+    def run_arms(self, params: Any, shared: Any, per_arm: Any, frozen_of: Callable[[Any, Any], Any],
+                 batches: Iterable[dict[str, np.ndarray]], num_arms: int, max_batches: int = 0
+                 ) -> list[dict]:
+        """One pass for ``num_arms`` arms at once (fused sweep arms): ``params`` and ``per_arm``
+        carry a leading arm axis, ``shared`` does not, ``frozen_of(shared, per_arm)`` is one arm's
+        frozen state. The step is ``vmap``-ped over the arms, so a frozen backbone they share runs
+        once per batch. Returns each arm's ``run`` metrics."""
+        key = (frozen_of, num_arms)
+        if key not in self._arm_steps:
+            step = self._raw_step
+            self._arm_steps = {key: jax.jit(jax.vmap(
+                lambda p, sh, pa, batch, acc: step(p, frozen_of(sh, pa), batch, acc, None),
+                in_axes=(0, None, 0, None, 0)), out_shardings=self._replicated, donate_argnums=(4,))}
+        arm_step = self._arm_steps[key]
+        acc = jax.device_put(jax.tree.map(lambda x: np.zeros((num_arms, *x.shape), x.dtype),
+                                          _init_acc(self.kind, self.num_labels, self.choices)),
+                             self._replicated)
+        acc, gathered = self._accumulate(lambda batch, acc: arm_step(params, shared, per_arm, batch, acc),
+                                         acc, batches, max_batches)
+        acc, gathered = jax.device_get(acc), jax.device_get(gathered)
+        return [self._metrics(jax.tree.map(lambda x: x[i], acc),
+                              [jax.tree.map(lambda x: x[i], t) for t in gathered])
+                for i in range(num_arms)]
+
+    def _start(self, option_bias: np.ndarray | None) -> tuple[dict, jax.Array | None]:
         acc = _init_acc(self.kind, self.num_labels, self.choices)
         bias = None
         if option_bias is not None:
@@ -153,15 +194,21 @@ class Evaluator:
                 raise ValueError("option_bias calibrates verbaliser scores: it needs choices=True")
             bias = jax.device_put(jnp.asarray(option_bias, jnp.float32), self._replicated)
             acc["calibrated"] = jnp.zeros_like(acc["confusion"])
-        acc = jax.device_put(acc, self._replicated)
+        return jax.device_put(acc, self._replicated), bias
+
+    def _accumulate(self, step: Callable, acc: dict, batches: Iterable[dict[str, np.ndarray]],
+                    max_batches: int) -> tuple[dict, list]:
         gathered = []
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            acc, tags = self._step(params, frozen, sharding.shard_batch(batch, self.mesh), acc, bias)
+            acc, tags = step(sharding.shard_batch(batch, self.mesh), acc)
             if tags:
                 gathered.append(tags)
-        host = jax.device_get(acc)
+        return acc, gathered
+
+    def _metrics(self, host: dict, gathered: list) -> dict:
+        """Metrics from the host copy of the accumulators (and the gathered tags)."""
         loss = metrics_lib.lm_metrics(float(host["nll"]), float(host["weight"]),
                                       float(host.get("bytes", 0.0)) or None)
         if "confusion" not in host:
@@ -173,7 +220,7 @@ class Evaluator:
         if "calibrated" in host:
             out["calibrated"] = metrics_lib.classification_metrics(host["calibrated"], self.label_names)
         if self.entities:
-            out.update(self._entity_metrics(jax.device_get(gathered)))
+            out.update(self._entity_metrics(gathered))
         return out
 
     def _entity_metrics(self, gathered: list[dict[str, np.ndarray]]) -> dict:

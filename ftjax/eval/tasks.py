@@ -8,7 +8,7 @@ only its labels.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -39,18 +39,26 @@ def evaluate(evaluator: Any, params: Any, frozen: Any, pipe: Any, batch_size: in
              max_batches: int = 0) -> dict:
     """The eval split's metrics; for a mixture also each task's, under ``tasks`` and as flat
     ``"<task>/<metric>"`` scalars (loggable, and usable as ``config.eval.best_metric``)."""
-    out = evaluator.run(params, frozen, pipe.eval_batches(batch_size), max_batches=max_batches)
+    return evaluate_many(lambda batches: [evaluator.run(params, frozen, batches, max_batches=max_batches)],
+                         pipe, batch_size)[0]
+
+
+def evaluate_many(run: Callable[[Iterable[dict[str, np.ndarray]]], list[dict]], pipe: Any,
+                  batch_size: int) -> list[dict]:
+    """``evaluate`` for several models scored by one pass: ``run(batches)`` gives each one's
+    metrics (e.g. ``Evaluator.run_arms``)."""
+    outs = run(pipe.eval_batches(batch_size))
     info = pipe.info
     if info.num_tasks < 2:
-        return out
-    out["tasks"] = {}
+        return outs
+    for out in outs:
+        out["tasks"] = {}
     for t, name in enumerate(info.task_names):
-        m = evaluator.run(params, frozen, only_task(pipe.eval_batches(batch_size), t),
-                          max_batches=max_batches)
-        m = task_metrics(m, info.label_offsets[t], info.label_offsets[t + 1], info.label_names)
-        out["tasks"][name] = m
-        out.update({f"{name}/{k}": m[k] for k in SCALARS if k in m})
-    return out
+        for out, m in zip(outs, run(only_task(pipe.eval_batches(batch_size), t))):
+            m = task_metrics(m, info.label_offsets[t], info.label_offsets[t + 1], info.label_names)
+            out["tasks"][name] = m
+            out.update({f"{name}/{k}": m[k] for k in SCALARS if k in m})
+    return outs
 
 
 def host_train_metrics(metrics: dict, task_names: list[str]) -> dict[str, float]:

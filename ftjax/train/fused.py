@@ -9,7 +9,8 @@ LoRA scale for another alpha) is stacked, every other one is unbatched, so with 
 the backbone forward of head-only arms is computed once. A lower LoRA rank is zero-padded to the
 group's largest and its gradient masked, so its padding stays exactly zero and the arm trains as
 a run at its own rank. Batches are shared when every arm has the same seed (same data order and
-dropout keys), else stacked per arm.
+dropout keys), else stacked per arm; on a CPU, arms with their own batches then step one after
+another inside the program (``arms_per_pass``): same results, one arm's activations in memory.
 
 On a mesh with an ``arm`` axis (``sharding.make_mesh(arms=K)``) the stacked axis is split over
 it: each group of devices holds its arms' state, the frozen weights sharded inside it as usual.
@@ -65,21 +66,43 @@ def fused_mesh(config: ml_collections.ConfigDict, num_arms: int) -> Mesh:
     return sharding.make_mesh(sizes, devices, arms=arm_shards(num_arms, len(devices)))
 
 
-def budget(est: memory.MemoryEstimate, num_arms: int, shards: int) -> tuple[int, int]:
+def arms_per_pass(num_arms: int, shared_batch: bool, shards: int, platform: str) -> int:
+    """How many arms one pass of the fused step computes together.
+
+    All of them (``vmap``) on an accelerator, where a bigger batch fills the chip; when they share
+    a batch (the frozen backbone's forward is computed once for all); or when the ``arm`` axis
+    is split over devices. On a CPU with per-arm batches, one at a time (``lax.map``): the
+    step is compute-bound there, so batching the arms saves nothing and would hold every arm's
+    activations at once.
+    """
+    return 1 if platform == "cpu" and not shared_batch and shards == 1 else num_arms
+
+
+def budget(est: memory.MemoryEstimate, num_arms: int, shards: int, per_pass: int = 0
+           ) -> tuple[int, int]:
     """(per-device bytes of ``num_arms`` fused arms, how many arms fit) from one arm's estimate.
 
-    The frozen weights count once; trainable params, their gradients, optimizer state and
-    activations once per arm that a device holds (``ceil(num_arms / shards)``).
+    The frozen weights count once; each arm a device holds (``ceil(num_arms / shards)``) keeps
+    its trainable params and optimizer state; gradients and activations count once per arm
+    computed in the same pass (``per_pass``, 0: all the device holds).
     """
-    per_arm = 2 * est.grads + est.optimizer + est.activations
+    kept, passing = est.grads + est.optimizer, est.grads + est.activations
     shared = est.params - est.grads
-    total = shared + math.ceil(num_arms / shards) * per_arm
-    fit = num_arms if est.limit is None else shards * max(0, (est.limit - shared) // per_arm)
+    held = math.ceil(num_arms / shards)
+    together = min(per_pass or held, held)
+    total = shared + held * kept + together * passing
+    if est.limit is None:
+        fit = num_arms
+    elif together < held:  # arms pass one group at a time: each more arm costs its kept state
+        fit = shards * max(0, (est.limit - shared - together * passing) // kept)
+    else:
+        fit = shards * max(0, (est.limit - shared) // (kept + passing))
     return total, int(fit)
 
 
-def _check_budget(est: memory.MemoryEstimate, num_arms: int, shards: int) -> None:
-    total, fit = budget(est, num_arms, shards)
+def _check_budget(est: memory.MemoryEstimate, num_arms: int, shards: int, per_pass: int = 0
+                  ) -> None:
+    total, fit = budget(est, num_arms, shards, per_pass)
     if fit >= num_arms:
         return
     if not fit:
@@ -114,7 +137,6 @@ class Group:
     arm_frozen: dict[str, jax.Array]  # leaf index -> leaf stacked over arms
     masks: dict[str, jax.Array]  # params leaf index -> stacked 0/1 mask of the arm's own rank
     shared_batch: bool  # every arm has the same seed: one data stream, one dropout key
-    padded_template: Any  # the reference arm's abstract TrainState (the group's shapes)
 
     @property
     def mesh(self) -> Mesh:
@@ -175,11 +197,15 @@ def build_group(arms: Sequence[tuple[str, ml_collections.ConfigDict, epath.Path]
     own_frozen: list[dict[int, jax.Array]] = []  # per arm: its leaves that differ from arm 0's
     for i, (name, config, workdir) in enumerate(arms):
         exp = build(config, mesh=mesh)
-        exp.plan.refuse_step_hook("fused sweep arms", "run the sweep with --fuse=off")
+        if exp.plan.step_hook is not None:
+            raise FusedError(f"arm {name!r}: method {config.method.kind!r} keeps state its own train "
+                             "step updates, so its arms train one at a time")
         tx = optim.make_optimizer(config.train, **exp.plan.optimizer_kwargs())
         if i == 0:
             ref, ref_tx = exp, tx
-            _check_budget(memory.for_experiment(exp, tx), len(arms), shards)
+            per_pass = arms_per_pass(len(arms), len({c.train.seed for _, c, _ in arms}) == 1,
+                                     shards, mesh.devices.flat[0].platform)
+            _check_budget(memory.for_experiment(exp, tx), len(arms), shards, per_pass)
         state = init_state(exp, tx)
         if jax.tree.structure(exp.frozen) != jax.tree.structure(ref.frozen):
             raise FusedError(f"arm {name!r} has a different frozen state than {arms[0][0]!r}; "
@@ -210,17 +236,19 @@ def build_group(arms: Sequence[tuple[str, ml_collections.ConfigDict, epath.Path]
                   for j in sorted(differs)}
     return Group(arms=out, exp=ref, tx=ref_tx, state=state, frozen_def=jax.tree.structure(ref.frozen),
                  shared_frozen=shared, arm_frozen=arm_frozen, masks=masks,
-                 shared_batch=len(seeds) == 1, padded_template=out[0].template)
+                 shared_batch=len(seeds) == 1)
 
 
-def _frozen(group: Group, shared: list, arm_frozen: dict) -> Any:
+def merge_frozen(group: Group, shared: list, arm_frozen: dict) -> Any:
+    """One arm's frozen state from the shared leaves and its own (``arm_frozen``, unstacked)."""
     leaves = [arm_frozen[str(j)] if x is None else x for j, x in enumerate(shared)]
     return jax.tree.unflatten(group.frozen_def, leaves)
 
 
 def make_fused_step(group: Group):
     """``jit(step(state, shared_frozen, arm_frozen, batch) -> (state, metrics))``: ``train.step``
-    vmapped over the arms, each metric ``[arms]``."""
+    vmapped over the arms (or mapped over them ``arms_per_pass`` at a time), each metric
+    ``[arms]``."""
     exp, c = group.exp, group.arms[0].config
 
     def one(state, shared, arm_frozen, batch, masks):
@@ -232,12 +260,26 @@ def make_fused_step(group: Group):
         step = make_train_step(exp.graphdef, group.tx, kind=exp.kind, grad_accum=c.train.grad_accum,
                                schedule=optim.schedule_shape(c.train),
                                grad_mask_fn=mask_grads if masks else None,
-                               num_tasks=exp.pipe.info.num_tasks)
-        return step(state, _frozen(group, shared, arm_frozen), batch)
+                               num_tasks=exp.pipe.info.num_tasks,
+                               loss_chunk=c.train.loss_chunk)
+        return step(state, merge_frozen(group, shared, arm_frozen), batch)
 
-    axes = TrainState(step=None, params=0, opt_state=0, rng=None if group.shared_batch else 0)
-    fused = jax.vmap(one, in_axes=(axes, None, 0, None if group.shared_batch else 0, 0),
-                     out_axes=(axes, 0))
+    per_pass = arms_per_pass(group.size, group.shared_batch, group.mesh.shape.get(sharding.ARM_AXIS, 1),
+                             group.mesh.devices.flat[0].platform)
+    if per_pass == group.size:
+        axes = TrainState(step=None, params=0, opt_state=0, rng=None if group.shared_batch else 0)
+        fused = jax.vmap(one, in_axes=(axes, None, 0, None if group.shared_batch else 0, 0),
+                         out_axes=(axes, 0))
+    else:  # per-arm batches and rng: every input but the step is per arm
+        def fused(s, shared, arm_frozen, batch, masks):
+            def arm(x):
+                params, opt_state, rng, own_frozen, own_batch, own_masks = x
+                new, metrics = one(TrainState(s.step, params, opt_state, rng), shared, own_frozen,
+                                   own_batch, own_masks)
+                return (new.step, new.params, new.opt_state, new.rng), metrics
+            (step, params, opt_state, rng), metrics = jax.lax.map(
+                arm, (s.params, s.opt_state, s.rng, arm_frozen, batch, masks), batch_size=per_pass)
+            return TrainState(step[0], params, opt_state, rng), metrics
     state_sh = jax.tree.map(lambda x: x.sharding, group.state)
     return jax.jit(lambda s, shared, arm_frozen, batch: fused(s, shared, arm_frozen, batch, group.masks),
                    in_shardings=(state_sh, None, None, None), out_shardings=(state_sh, None),
@@ -265,22 +307,15 @@ def _take(x: jax.Array, i: int, target: Any) -> jax.Array:
     return jax.device_put(x, target.sharding)
 
 
-def arm_state(group: Group, i: int, padded: bool = False) -> TrainState:
-    """Arm ``i``'s TrainState as its own run holds it (``padded``: in the group's shapes)."""
-    t = group.padded_template if padded else group.arms[i].template
+def arm_state(group: Group, i: int) -> TrainState:
+    """Arm ``i``'s TrainState as its own run holds it."""
+    t = group.arms[i].template
     s = group.state
     rng = s.rng if group.shared_batch else jax.device_put(s.rng[i], t.rng.sharding)
     return TrainState(step=jax.device_put(s.step, t.step.sharding),
                       params=jax.tree.map(lambda x, y: _take(x, i, y), s.params, t.params),
                       opt_state=jax.tree.map(lambda x, y: _take(x, i, y), s.opt_state, t.opt_state),
                       rng=rng)
-
-
-def arm_frozen(group: Group, i: int) -> Any:
-    """Arm ``i``'s frozen state: the shared leaves with its own of the ones that differ."""
-    refs = jax.tree.leaves(group.exp.frozen)
-    own = {j: _take(x, i, refs[int(j)]) for j, x in group.arm_frozen.items()}
-    return _frozen(group, group.shared_frozen, own)
 
 
 def _stack_states(states: Sequence[TrainState], mesh: Mesh, shared_rng: bool

@@ -10,6 +10,7 @@ more than ``checkpoint.keep`` for this) and continues exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -108,12 +109,15 @@ def train_fused(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.Pa
                 resume.record(a.workdir, start, log.run, diffs[a.name] or {})
 
     evaluator = Evaluator.for_experiment(ref)
+    frozen_of = functools.partial(fused.merge_frozen, group)
+    eval_cfg = group.arms[0].config.eval  # the arms share their eval split and settings
 
-    def evaluate(i: int) -> dict:
-        a = group.arms[i]
-        return eval_tasks.evaluate(evaluator, fused.arm_state(group, i, padded=True).params,
-                                   fused.arm_frozen(group, i), a.pipe, a.config.eval.batch_size,
-                                   a.config.eval.max_batches)
+    def evaluate_all() -> list[dict]:
+        """Every arm's eval metrics from one vmapped pass (a shared backbone runs once)."""
+        return eval_tasks.evaluate_many(
+            lambda batches: evaluator.run_arms(group.state.params, group.shared_frozen, group.arm_frozen,
+                                               frozen_of, batches, group.size, eval_cfg.max_batches),
+            group.arms[0].pipe, eval_cfg.batch_size)
 
     n = group.size
     flops_per_token = None
@@ -158,10 +162,12 @@ def train_fused(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.Pa
         eval_now = has_eval and (final or (c.eval.every_steps and done % c.eval.every_steps == 0))
         stop = preempt.should_stop()
         if eval_now or done % c.checkpoint.every_steps == 0 or stop or final:
+            if eval_now:
+                last_eval = evaluate_all()
             for i, (a, log, ckpt) in enumerate(zip(group.arms, logs, ckpts)):
                 eval_metrics = None
                 if eval_now:
-                    eval_metrics = last_eval[i] = evaluate(i)
+                    eval_metrics = last_eval[i]
                     log.log(done, _scalars(eval_metrics), prefix="eval")
                     best[i] = _better(best[i], done, eval_metrics, a.config.eval)
                 data = {**iter_of[i].get_state(), "totals": _totals(before[i], tokens_seen, run_start)}
@@ -172,10 +178,10 @@ def train_fused(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.Pa
                 log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")
             break
     preempt.__exit__(None, None, None)
+    if int(group.state.step) >= t.steps and has_eval and not all(last_eval):
+        last_eval = evaluate_all()  # a finished group started again
     for i, (a, log, ckpt) in enumerate(zip(group.arms, logs, ckpts)):
         if int(group.state.step) >= t.steps and has_eval:
-            if not last_eval[i]:  # a finished group started again
-                last_eval[i] = evaluate(i)
             if main:
                 write_eval(a.workdir, last_eval[i], int(group.state.step))
                 log.info(f"[{a.name}]\n" + format_table(last_eval[i]))
@@ -214,6 +220,10 @@ def train_in_groups(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | o
             print(f"fused: {len(chunk)} arms do not fit; training {e.fit} at a time", flush=True)
             size = e.fit
             continue
+        except fused.FusedError as e:  # found when the arms are built (e.g. a method's own state)
+            print(f"fused: {e}", flush=True)
+            for arm in chunk:
+                out.update(_train_one(arm))
         todo = todo[len(chunk):]
     return out
 
