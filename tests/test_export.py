@@ -49,6 +49,7 @@ def run(tmp_path_factory):
     config.mesh.num_devices = 1
     config.eval.max_batches = 1
     config.checkpoint.async_save = False
+    config.train.batch_size, config.data.seq_len = 4, 32  # tiny.py's 16 x 64: seconds a step at -O0
     train(config, workdir)
     return config, workdir
 
@@ -138,6 +139,7 @@ def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path, 
     config.mesh.num_devices = 1
     config.eval.max_batches = 1
     config.checkpoint.async_save = False
+    config.train.batch_size, config.data.seq_len = 4, 32
     workdir = tmp_path / "run"
     train(config, workdir)
 
@@ -160,3 +162,15 @@ def test_peft_export_of_a_lora_run_loads_in_peft_with_the_same_logits(tmp_path, 
     assert np.abs(theirs - base_logits).max() > 1e-4  # the trained adapter changes the logits
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert "Method: `lora`" in (out / "README.md").read_text()
+
+
+def test_a_run_saved_before_newer_config_keys_still_loads(tmp_path):
+    """A run's config.json from before a key existed (here train.loss_chunk and model.pooling)
+    loads with that key's default; every saved value is kept."""
+    from ftjax.config import base_config
+    saved = base_config().to_dict()
+    del saved["train"]["loss_chunk"], saved["model"]["pooling"]
+    saved["train"]["steps"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = load_run_config(tmp_path)
+    assert config.train.loss_chunk == 0 and config.model.pooling == "" and config.train.steps == 7

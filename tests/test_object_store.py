@@ -23,9 +23,10 @@ import xla
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ftjax" / "configs" / "tiny.py"
 STEPS = 8
+# Batches of 4 x 32 tokens (tiny.py's 16 x 64 make each step of its 30k-vocabulary LM seconds long).
+SMALL = ("--config.train.batch_size=4", "--config.data.seq_len=32", "--config.eval.max_batches=1")
 ARGS = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False",
-        "--config.checkpoint.every_steps=2", f"--config.train.steps={STEPS}",
-        "--config.eval.max_batches=1")
+        "--config.checkpoint.every_steps=2", f"--config.train.steps={STEPS}", *SMALL)
 
 
 def _script(name: str, *args: str, env: dict, cwd: Path, wait: bool = True):
@@ -167,8 +168,7 @@ def test_gs_workdir_train_kill_resume_evaluate_export(gcs, tmp_path):
 
     # Evaluate and export from the bucket.
     (epath.Path(remote) / "eval" / "metrics.json").unlink()
-    r = _script("evaluate.py", config, f"--workdir={remote}", "--config.eval.max_batches=1",
-                env=gcs.env, cwd=cwd)
+    r = _script("evaluate.py", config, f"--workdir={remote}", *SMALL, env=gcs.env, cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated = json.loads((epath.Path(remote) / "eval" / "metrics.json").read_text())
     assert evaluated["step"] == STEPS and np.isfinite(evaluated["loss"]), evaluated
@@ -207,6 +207,7 @@ def test_gs_sweep_folder_holds_arms_results_and_report(gcs, tmp_path):
         "from ftjax.configs.tiny import get_config as _tiny\n"
         "def get_config(arg=None):\n"
         "    c = _tiny()\n    c.train.steps = 2\n    c.eval.max_batches = 1\n"
+        "    c.train.batch_size, c.data.seq_len = 4, 32\n"
         "    c.checkpoint.async_save = False\n    return c\n"
         "def sweep():\n    return [{'name': 'a', 'train.seed': 0}]\n")
     cwd = tmp_path / "cwd"

@@ -75,6 +75,7 @@ def test_full_ipo_from_an_sft_run_with_cached_reference(files, tmp_path):
     sft_cfg = tiny.get_config("steps=2")
     sft_cfg.eval.max_batches = 1
     sft_cfg.log.tensorboard = False
+    sft_cfg.train.batch_size, sft_cfg.data.seq_len = 8, 32  # 8 shards; tiny.py's 16 x 64: seconds a step at -O0
     loop.train(sft_cfg, tmp_path / "sft")
     sft_embed = np.asarray(loop.load_trained(sft_cfg, tmp_path / "sft")[0].model.model.embed_tokens.embedding[...])
     cache = tmp_path / "cache"

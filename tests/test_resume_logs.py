@@ -16,8 +16,9 @@ import pytest
 from tests.test_train_loop import _run_cli, _wait_for_step
 
 STEPS, EVERY = 9, 3
+BATCH, SEQ = 4, 32  # tiny.py's 16 x 64 tokens make each step of its 30k-vocabulary LM seconds long
 ARGS = ("--config.log.every_steps=1", f"--config.train.steps={STEPS}", "--config.mesh.num_devices=1",
-        "--config.eval.max_batches=1")
+        "--config.eval.max_batches=1", f"--config.train.batch_size={BATCH}", f"--config.data.seq_len={SEQ}")
 VALUES = ("train/loss", "train/accuracy", "train/grad_norm", "train/learning_rate", "eval/loss")
 
 
@@ -125,10 +126,10 @@ def test_each_step_is_logged_once_with_the_uninterrupted_values(tmp_path_factory
     assert runs[-1] != second_run
     summary = json.loads((workdir / "run_summary.json").read_text())
     assert summary["run"] == runs[-1] and summary["resumed_from_step"] == restored
-    # Totals cover steps 1..STEPS (packed LM rows: batch 16 x seq_len 64 tokens a step), not
-    # only the last process's steps.
-    assert summary["tokens_seen"] == STEPS * 16 * 64
-    assert summary["this_process"]["tokens_seen"] == (STEPS - restored) * 16 * 64
+    # Totals cover steps 1..STEPS (packed LM rows: BATCH x SEQ tokens a step), not only the last
+    # process's steps.
+    assert summary["tokens_seen"] == STEPS * BATCH * SEQ
+    assert summary["this_process"]["tokens_seen"] == (STEPS - restored) * BATCH * SEQ
     assert summary["wall_time_s"] > summary["this_process"]["wall_time_s"] > 0
     uninterrupted = json.loads((reference_run(tmp_path_factory) / "run_summary.json").read_text())
     assert summary["train_flops"] == uninterrupted["train_flops"] > 0

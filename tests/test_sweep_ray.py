@@ -22,7 +22,7 @@ from ftjax.experiments.ray_launcher import ray_options
 import xla
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 60, 5
+STEPS, EVERY = 40, 5
 
 CONFIG = '''
 import sys
@@ -43,8 +43,10 @@ def sweep():
               "train.seed": s}} for lr in (0.003, 0.001) for s in (0, 1)]
     return arms + [{{"name": "broken", "group": "broken", "model.remat": "bogus"}}]
 '''
-# Arms run on one CPU device (not conftest's 8 fake ones): fast steps on a shared machine.
-ARM_ENV_DROP = ("XLA_FLAGS",)
+# Arms run on one CPU device (not conftest's 8 fake ones: fast steps on a shared machine), with
+# the suite's fast-compile flags, as the Ray nodes' arms do (the cluster's XLA_FLAGS): the same
+# programs, so the Ray sweep starts from a copy of the local sweep's XLA cache.
+ARM_XLA_FLAGS = xla.flags()
 
 
 def test_ray_options_split_resources():
@@ -64,7 +66,7 @@ def cluster():
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": temp}
     saved = {k: os.environ.get(k) for k in [*env, "XLA_FLAGS"]}
     os.environ.update(env)
-    os.environ["XLA_FLAGS"] = xla.flags()  # the nodes' workers (and so the arms) get one CPU device each
+    os.environ["XLA_FLAGS"] = ARM_XLA_FLAGS  # the nodes' workers (and so the arms) get one CPU device each
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster, started = Cluster(), []
     try:
@@ -128,7 +130,7 @@ def comparable(report: str) -> list[str]:
 
 
 def arm_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ARM_ENV_DROP}
+    return dict(os.environ, XLA_FLAGS=ARM_XLA_FLAGS)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,8 @@ def on_ray(cluster, config, local) -> tuple[Path, Path, int, str]:
     checkpoint step it had saved, the driver's output)."""
     cluster, worker = cluster
     workdir, out = config.parent / "ray", config.parent / "ray.out"
+    # The arms' programs are the local sweep's: its XLA cache spares each Ray arm the compile.
+    shutil.copytree(local[0] / "xla_cache", workdir / "xla_cache")
     proc = subprocess.Popen(sweep_cmd(config, workdir, "--launcher=ray", f"--ray_address={cluster.address}"),
                             env=arm_env(), stdout=open(out, "w"), stderr=subprocess.STDOUT)
     try:

@@ -61,8 +61,12 @@ def _wait_for_step(workdir: Path, step: int, proc, timeout: float = 180) -> None
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+# Batches of 4 rows x 32 tokens (tiny.py's are 16 x 64): a step of its 30k-vocabulary LM at the
+# suite's -O0 takes seconds at full size, and nothing these tests check depends on the batch.
+SMALL = dict(batch_size=4, seq_len=32)
 COMMON = ("--config.log.every_steps=1", "--config.checkpoint.async_save=False",
-          "--config.eval.max_batches=1")
+          "--config.eval.max_batches=1", f"--config.train.batch_size={SMALL['batch_size']}",
+          f"--config.data.seq_len={SMALL['seq_len']}")
 SHARDED = 2  # devices of the kill / SIGTERM runs: sharded (fsdp=2) state, a quarter of 8's step time
 
 
@@ -75,6 +79,7 @@ def test_sharded_2x4_matches_single_device(tmp_path):
                        ("2x4", dict(data=1, fsdp=2, tensor=4, num_devices=0))):
         config = get_config("steps=5")
         config.mesh.update(mesh)
+        config.train.batch_size, config.data.seq_len = SMALL["batch_size"], SMALL["seq_len"]
         config.log.every_steps = 1
         config.eval.max_batches = 2
         train(config, tmp_path / name)
