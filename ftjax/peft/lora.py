@@ -23,7 +23,7 @@ from flax import nnx
 from ftjax.models import layers, registry as families
 from ftjax.peft import freezing, lora_init, loraplus, registry, surgery
 from ftjax.peft.linear import WrappedLinear
-from ftjax.peft.plan import Context, MethodPlan, adapter_plan
+from ftjax.peft.plan import Context, MethodConfigError, MethodPlan, adapter_plan
 
 
 
@@ -56,9 +56,9 @@ class LoRALinear(WrappedLinear):
                  dora: bool = False, init: str = "true", dropout: float = 0.0, key: jax.Array):
         super().__init__(base)
         if rank < 1:
-            raise ValueError(f"config.method.lora.rank={rank} must be >= 1")
+            raise MethodConfigError(f"config.method.lora.rank={rank} must be >= 1")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"config.method.lora.dropout={dropout} must be in [0, 1)")
+            raise MethodConfigError(f"config.method.lora.dropout={dropout} must be in [0, 1)")
         kernel = base.kernel
         lead_shape, lead_axes = surgery.lead(kernel, 2)
         in_axis, out_axis = surgery.axes_of(kernel)[-2:]

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.peft import surgery
+from ftjax.peft.plan import MethodConfigError
 
 INITS = ("true", "gaussian", "pissa", "pissa_niter_N", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
@@ -43,9 +44,9 @@ class LoRAInit(nnx.Variable):
 def check(init: str, kind: str) -> str:
     """``init`` if it names an initialisation usable with method ``kind``; else a one-line error."""
     if init not in ("true", "gaussian", "pissa", "olora") and not _NITER.fullmatch(init):
-        raise ValueError(f"config.method.lora.init={init!r}; choose from {INITS}")
+        raise MethodConfigError(f"config.method.lora.init={init!r}; choose from {INITS}")
     if kind == "qlora" and moves_base(init):
-        raise ValueError(f"config.method.lora.init={init!r} changes the base weight, which qlora "
+        raise MethodConfigError(f"config.method.lora.init={init!r} changes the base weight, which qlora "
                          "stores quantised; use kind='lora' or 'dora', or init='true'|'gaussian'")
     return init
 
@@ -106,10 +107,10 @@ def initialise(lin: Any, init: str, scale: float, key: jax.Array) -> tuple[Any, 
     if not moves_base(init):
         return nnx.data(None), nnx.data(None)
     if lin.quantized:
-        raise ValueError(f"config.method.lora.init={init!r} needs a float base kernel")
+        raise MethodConfigError(f"config.method.lora.init={init!r} needs a float base kernel")
     limit = min(lin.in_features, lin.out_features)
     if lin.rank > limit:
-        raise ValueError(f"config.method.lora.rank={lin.rank} exceeds min(in, out)={limit} of a "
+        raise MethodConfigError(f"config.method.lora.rank={lin.rank} exceeds min(in, out)={limit} of a "
                          f"{lin.in_features}x{lin.out_features} layer; {init} needs rank <= {limit}")
     kernel = lin.kernel
     fn = lambda k, key: _decompose(k, init, lin.rank, scale, key)
@@ -156,4 +157,4 @@ def from_peft(value: Any) -> str:
     name = str(value).lower()
     if name in ("gaussian", "pissa", "olora") or _NITER.fullmatch(name):
         return name
-    raise ValueError(f"PEFT init_lora_weights={value!r} is not supported; ftjax has {INITS}")
+    raise MethodConfigError(f"PEFT init_lora_weights={value!r} is not supported; ftjax has {INITS}")

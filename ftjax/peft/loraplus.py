@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.peft import freezing
-from ftjax.peft.plan import MethodPlan
+from ftjax.peft.plan import MethodConfigError, MethodPlan
 
 
 def fast(path: tuple, var: nnx.Variable) -> bool:
@@ -28,7 +28,7 @@ def fast(path: tuple, var: nnx.Variable) -> bool:
 def with_ratio(plan: MethodPlan, ratio: float) -> MethodPlan:
     """``plan`` with LoRA+'s LR scales over its trainable state (unchanged when ``ratio`` is 0)."""
     if ratio < 0:
-        raise ValueError(f"config.method.lora.plus_ratio={ratio} must be >= 0 (0 = LoRA+ off)")
+        raise MethodConfigError(f"config.method.lora.plus_ratio={ratio} must be >= 0 (0 = LoRA+ off)")
     if not ratio:
         return plan
     params = nnx.state(plan.model, plan.trainable)
