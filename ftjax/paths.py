@@ -17,6 +17,11 @@ class WorkdirError(FtjaxError, OSError):
     """A workdir (or another run folder) that cannot be written."""
 
 
+def cache_root() -> str:
+    """ftjax's local cache folder: ``$FTJAX_CACHE``, else ``~/.cache/ftjax``."""
+    return os.path.expanduser(os.environ.get("FTJAX_CACHE") or os.path.join("~", ".cache", "ftjax"))
+
+
 def is_url(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 

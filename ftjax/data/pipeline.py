@@ -8,6 +8,7 @@ process builds the same global batch plan and materialises only its own slice of
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Iterator
 
 import ml_collections
@@ -234,6 +235,10 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, fallback: str = ""):
     source = cfg.tokenizer or fallback
     if not source:
         raise DataError("config.data.tokenizer is empty and no model tokenizer was given")
+    local = Path(source).expanduser() / cfg.tokenizer_file if cfg.tokenizer_file else None
+    if local is not None and local.suffix == ".gguf" and local.is_file():
+        from ftjax.models.gguf_io import load_tokenizer as load_gguf_tokenizer  # cached rebuild
+        return load_gguf_tokenizer(local)
     kwargs = {"gguf_file": cfg.tokenizer_file} if cfg.tokenizer_file else {}
     return AutoTokenizer.from_pretrained(source, **kwargs)
 

@@ -7,12 +7,18 @@ models; the config comes from the GGUF metadata.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import gguf
 import numpy as np
+
+from ftjax.paths import cache_root
 
 MODEL_TYPE_OF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED_ARCHS = ("llama",)  # llama.cpp permutes q/k rows for rotary "normal" (not neox) mode
@@ -127,7 +133,39 @@ def read_gguf(path: str | Path) -> tuple[dict, GGUFSource]:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer (and chat template) transformers rebuilds from the GGUF metadata."""
-    from transformers import AutoTokenizer
-    path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    """The tokenizer (and chat template) transformers rebuilds from the GGUF metadata.
+
+    The rebuild reads the whole file and converts the vocabulary in Python (8 s for SmolLM2's),
+    so its result is saved under ``$FTJAX_CACHE/tokenizers``, keyed by the file's path, size and
+    mtime and the transformers version; later loads read that folder's ``tokenizer.json``.
+    """
+    import transformers
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    cached = Path(cache_root()) / "tokenizers" / hashlib.sha256(stamp.encode()).hexdigest()[:20]
+    if (cached / _COMPLETE).exists():
+        return transformers.AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _save_cached(tokenizer, cached, stamp)
+    return tokenizer
+
+
+_COMPLETE = "ftjax-gguf-source.txt"
+
+
+def _save_cached(tokenizer: Any, cached: Path, stamp: str) -> None:
+    """Write the folder beside ``cached`` and rename it there, so a concurrent or killed writer
+    never leaves half a folder; a cache that cannot be written is skipped."""
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=cached.parent))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _COMPLETE).write_text(stamp)
+        if cached.exists() and not (cached / _COMPLETE).exists():  # a writer killed half-way
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    except OSError:  # read-only, or another writer got there first
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
