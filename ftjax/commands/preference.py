@@ -1,5 +1,8 @@
 """Preference tuning (DPO, IPO, SimPO, ORPO, KTO) or a reward model:
-ftjax-preference --config=NAME|FILE.py --workdir=DIR (config.data.task = "preference")."""
+ftjax-preference --config=NAME|FILE.py --workdir=DIR (config.data.task = "preference").
+
+A config with a ``sentiment`` section (configs/dpo_sentiment.py) runs the DPO paper's whole
+controlled-sentiment experiment instead (ftjax.experiments.dpo_sentiment)."""
 
 from absl import flags
 from ml_collections import config_flags
@@ -14,6 +17,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if "sentiment" in _CONFIG.value:
+        from ftjax.experiments import dpo_sentiment
+        dpo_sentiment.run(_CONFIG.value, _WORKDIR.value)
+        return
     from ftjax.preference.train import train
     train(_CONFIG.value, _WORKDIR.value)
 

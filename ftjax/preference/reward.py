@@ -9,6 +9,7 @@ pooled ``[CLS]``). Loss as TRL's ``RewardTrainer``: ``-log sigmoid(r_c - r_r - m
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -74,18 +75,27 @@ def make_reward_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *
 def score_texts(model: nnx.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16,
                 max_len: int = 128) -> np.ndarray:
     """Rewards of whole texts (e.g. prompt + an ``ftjax.generate`` completion), ``[len(texts)]``."""
+    return text_logits(model, tokenizer, texts, batch_size=batch_size, max_len=max_len)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compile per architecture and shape, not per call
+def _outputs(graphdef: nnx.GraphDef, state: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(input_ids=ids, attention_mask=mask, segment_ids=mask,
+                                      positions=jnp.maximum(jnp.cumsum(mask, 1) - 1, 0))
+
+
+def text_logits(model: nnx.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 16,
+                max_len: int = 128) -> np.ndarray:
+    """A sequence classifier's (or reward model's) outputs for whole texts, ``[len(texts), labels]``."""
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(
-        input_ids=ids, attention_mask=mask, positions=jnp.maximum(jnp.cumsum(mask, 1) - 1, 0),
-        segment_ids=mask)[:, 0])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = [tokenizer(t, truncation=True, max_length=max_len)["input_ids"] for t in texts[i:i + batch_size]]
-        width = max(len(e) for e in enc)
+        width = min(-(-max(len(e) for e in enc) // 16) * 16, max_len)  # few widths, few compiles
         ids = np.full((len(enc), width), pad, np.int32)
         mask = np.zeros((len(enc), width), np.int32)
         for j, e in enumerate(enc):
             ids[j, :len(e)], mask[j, :len(e)] = e, 1
-        out.append(np.asarray(fn(state, ids, mask), np.float32))
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        out.append(np.asarray(_outputs(graphdef, state, ids, mask), np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
