@@ -82,6 +82,12 @@ def data_config() -> ml_collections.ConfigDict:
         # ~/.cache/ftjax/data; "none" = off; a folder or gs:// URL). Not part of the cache key.
         cache_dir="",
         clean=clean_config(),
+        # A nested train subset: the first round(fraction * rows) cleaned train rows of one
+        # permutation seeded by `seed` alone (not train.seed), so 1/64 of the rows lie inside 1/32.
+        subset=ml_collections.ConfigDict(dict(
+            fraction=1.0,  # in (0, 1]; 1.0 = every row
+            seed=0,
+        )),
         kshot=ml_collections.ConfigDict(dict(
             k=0,  # k train examples per label, stratified (0 = all)
             draw=0,  # which independent draw (seeded by seed and draw)

@@ -1,5 +1,5 @@
-"""One task's data, read -> labels checked -> cleaned -> leakage-checked -> tokenised -> k-shot,
-with a ``data_report.json`` and a quarantine file; cached under a hash of the config.
+"""One task's data, read -> labels checked -> cleaned -> leakage-checked -> subset -> k-shot ->
+tokenised, with a ``data_report.json`` and a quarantine file; cached under a hash of the config.
 
 The report counts every row each step removed, the rows (and tokens) truncation cut to fit
 ``seq_len``, and lists warnings (a single-class train split) that ``config.data.strict`` turns
@@ -67,6 +67,22 @@ def _label_set(cfg, train: list[Record]) -> list[str]:
     else:
         return []
     return [str(x) for x in cfg.labels] if cfg.labels else sorted(seen)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def subset(records: list[Record], fraction: float, seed: int) -> list[Record]:
+    """The first ``round(fraction * len(records))`` rows of one permutation seeded by ``seed``
+    alone, in file order: every smaller fraction's rows lie inside every larger one's."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"config.data.subset.fraction={fraction} is not in (0, 1]; it is the share of "
+                        "the train rows to keep (e.g. 0.25)")
+    n = round(fraction * len(records))
+    if n < 1:
+        raise DataError(f"config.data.subset.fraction={fraction} of the {len(records)} cleaned train rows "
+                        f"keeps no row; use a fraction of at least {1 / len(records):.3g}")
+    order = np.random.default_rng([seed, 0x5B5E7]).permutation(len(records))
+    return [records[i] for i in np.sort(order[:n])]
 
 
 # ----------------------------------------------------------------------------- k-shot
@@ -156,6 +172,10 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
             cleaned["eval"] = logs["eval"].remove(
                 cleaned["eval"], [i not in leaked for i in range(len(cleaned["eval"]))], "leakage",
                 ["also in train"] * len(cleaned["eval"]))
+    if cfg.subset.fraction != 1:
+        cleaned["train"] = subset(cleaned["train"], cfg.subset.fraction, cfg.subset.seed)
+        logs["train"].step("subset", len(cleaned["train"]), fraction=cfg.subset.fraction,
+                           seed=cfg.subset.seed)
     if cfg.kshot.k:
         if cfg.task not in _LABELLED:
             raise DataError(f"config.data.kshot.k needs a labelled task, not task={cfg.task!r}")
