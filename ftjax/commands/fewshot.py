@@ -1,10 +1,13 @@
-"""k-shot fine-tuning vs in-context few-shot: run the config's sweep() arms, the in-context
-evaluations at the same k, then the learning curve.
+"""Few-shot study: meta-train (config.meta), run the config's sweep() arms from the pretrained
+and from the meta-learned model, the in-context evaluations at the same k (decoders), then the
+learning curve.
 
-ftjax-fewshot --config=fewshot[:ARG] --workdir=DIR [--parallel=N]
+ftjax-fewshot --config=fewshot[:ARG] --workdir=DIR [--parallel=N] [--in_process] [--meta=false]
 
-Writes DIR/report.md (the sweep report), DIR/incontext/k<K>.json, DIR/fewshot.md and
-DIR/learning_curve.png. Finished arms and in-context results are reused.
+Writes DIR/meta-<algorithm>/ (the meta-learned weights, metrics.jsonl, meta_summary.json),
+DIR/report.md (the sweep report), DIR/incontext/k<K>.json, DIR/fewshot.md and
+DIR/learning_curve.png. Finished meta-training, arms and in-context results are reused; a second
+study in DIR with the other config.meta.algorithm adds its column beside the first.
 """
 
 from absl import flags
@@ -14,24 +17,19 @@ from ftjax import cli
 _CONFIG = flags.DEFINE_string("config", None, "Config file with sweep() and ks().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Study directory.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Fine-tuning arms run at the same time.")
+_IN_PROCESS = flags.DEFINE_bool("in_process", False, "Train the arms one after another in this "
+                                "process instead of one process each.")
+_META = flags.DEFINE_bool("meta", True, "Meta-train (config.meta) and fine-tune from it too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    from ftjax.experiments import fewshot, launchers, report, sweep
+    from ftjax.experiments import fewshot
 
-    path, _, arg = _CONFIG.value.partition(":")
-    module = sweep.load_config_module(path)
-    arg = arg or None
-    config, ks = module.get_config(arg), module.ks(arg)
-    arms = sweep.expand_arms(module.sweep(arg))
-    launchers.LocalLauncher(_CONFIG.value, _WORKDIR.value, parallel=_PARALLEL.value).run(arms)
-    report.write_report(_WORKDIR.value, arms, config.eval.best_metric,
-                        higher_is_better=config.eval.best_mode == "max")
-    incontext = fewshot.run_incontext(config, ks, _WORKDIR.value)
-    out, text = fewshot.learning_curve(_WORKDIR.value, arms, ks, incontext, config.eval.best_metric)
-    print(f"\n{text}\nreport: {out}")
+    _, text = fewshot.run_study(_CONFIG.value, _WORKDIR.value, meta=_META.value,
+                                in_process=_IN_PROCESS.value, parallel=_PARALLEL.value)
+    print(f"\n{text}\nreport: {_WORKDIR.value}/fewshot.md")
 
 
 def run() -> None:

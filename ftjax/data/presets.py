@@ -43,3 +43,28 @@ def sst2_trec_mixture(data: ml_collections.ConfigDict, shared_data: str | Path) 
         "trec": dict(train_path=str(trec / "TREC.train.all"), eval_path=str(trec / "TREC.test.all"),
                      encoding="iso-8859-1", **TREC_LABELS),
     }
+
+
+# Train splits of the shared data sets as per-task overrides of ``config.data`` (mixture or
+# meta-learning tasks); ``prompt_template`` / ``verbalizers`` serve task=text_to_text.
+
+def trec_task(shared_data: str | Path) -> dict:
+    """TREC question type (6 classes), train split (5,452 questions)."""
+    return dict(train_path=str(Path(shared_data) / "trec" / "TREC.train.all"), format="label_text",
+                encoding="iso-8859-1", **TREC_LABELS, prompt_template="Question: {text}\nType:",
+                verbalizers=["description", "entity", "abbreviation", "person", "number", "location"])
+
+
+def sms_spam_task(shared_data: str | Path) -> dict:
+    """SMS Spam Collection (ham / spam), 5,574 messages, ``label<TAB>text``."""
+    return dict(train_path=str(Path(shared_data) / "sms_spam" / "sms.tsv"), format="tsv", header="no",
+                label_field="0", text_field="1", labels=["ham", "spam"], label_names=["ham", "spam"],
+                prompt_template="Message: {text}\nSpam:", verbalizers=["no", "yes"])
+
+
+def financial_phrasebank_task(shared_data: str | Path) -> dict:
+    """Financial PhraseBank, all annotators agreeing (2,264 sentences; negative/neutral/positive)."""
+    return dict(train_path=str(Path(shared_data) / "financial_phrasebank" / "fpb_Sentences_AllAgree.txt"),
+                format="text_label", label_separator="@", labels=["negative", "neutral", "positive"],
+                label_names=["negative", "neutral", "positive"],
+                prompt_template="Sentence: {text}\nSentiment:", verbalizers=["negative", "neutral", "positive"])

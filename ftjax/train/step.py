@@ -101,6 +101,21 @@ def training_model(graphdef: nnx.GraphDef, params: Any, frozen: Any, rng: jax.Ar
     return model
 
 
+def make_loss_sum(graphdef: nnx.GraphDef, kind: str, *, num_tasks: int = 0, loss_chunk: int = 0
+                  ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]]:
+    """``loss_sum(params, frozen, batch, rng) -> (summed loss, (total, weight, correct))``: the
+    training-mode loss the train step differentiates (divide by ``weight`` for the mean)."""
+    def loss_sum(params, frozen, batch, rng):
+        model = training_model(graphdef, params, frozen, rng)
+        if kind == "lm":
+            total, weight, correct = lm_loss_terms(model, batch, loss_chunk, num_tasks)
+        else:
+            total, weight, correct = loss_terms(model(**model_inputs(batch)), batch, kind, num_tasks)
+        return jnp.sum(total), (total, weight, correct)
+
+    return loss_sum
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, kind: str,
                     grad_accum: int = 1,
                     schedule: Callable[[Any], Any] | None = None,
@@ -122,15 +137,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         extra_loss_fn = step_hook.loss if extra_loss_fn is None else (
             lambda p, f=extra_loss_fn, g=step_hook.loss: f(p) + g(p))
 
-    def loss_sum(params, frozen, micro, rng):
-        model = training_model(graphdef, params, frozen, rng)
-        if kind == "lm":
-            total, weight, correct = lm_loss_terms(model, micro, loss_chunk, num_tasks)
-        else:
-            total, weight, correct = loss_terms(model(**model_inputs(micro)), micro, kind, num_tasks)
-        return jnp.sum(total), (total, weight, correct)
-
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_sum(graphdef, kind, num_tasks=num_tasks, loss_chunk=loss_chunk),
+                                 has_aux=True)
 
     def step(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
         if grad_accum == 1:
