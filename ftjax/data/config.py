@@ -29,6 +29,17 @@ def clean_config() -> ml_collections.ConfigDict:
     ))
 
 
+def privacy_config() -> ml_collections.ConfigDict:
+    """Personal data in the text (``ftjax.data.privacy``, presidio-analyzer's recognisers)."""
+    return ml_collections.ConfigDict(dict(
+        mode="off",  # off | redact ('<EMAIL>') | pseudonymise ('<EMAIL_3>') | quarantine (drop the row)
+        entities=["email", "phone", "credit_card", "iban", "ip", "person"],
+        min_score=0.4,  # presidio's confidence at or above which a finding counts
+        ner_model="",  # spaCy pipeline (package name or folder) for person names; "" = not searched
+        originals_path="",  # opt-in private JSONL of the values in clear, for the leakage check
+    ))
+
+
 def source_config() -> ml_collections.ConfigDict:
     """Where the rows come from and which fields hold what."""
     return ml_collections.ConfigDict(dict(
@@ -82,6 +93,7 @@ def data_config() -> ml_collections.ConfigDict:
         # ~/.cache/ftjax/data; "none" = off; a folder or gs:// URL). Not part of the cache key.
         cache_dir="",
         clean=clean_config(),
+        privacy=privacy_config(),
         # A nested train subset: the first round(fraction * rows) cleaned train rows of one
         # permutation seeded by `seed` alone (not train.seed), so 1/64 of the rows lie inside 1/32.
         subset=ml_collections.ConfigDict(dict(

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from ftjax import paths
-from ftjax.data import clean, encode, sources
+from ftjax.data import clean, encode, privacy, sources
 from ftjax.data.records import DataError, Record
 
 CACHE_VERSION = 3  # 2: the report counts truncation and lists warnings; 3: source stamps in the key
@@ -35,6 +35,7 @@ class Prepared:
     label_names: list[str]
     report: dict
     quarantine: list[dict]
+    privacy_log: list[dict] = dataclasses.field(default_factory=list)  # data.privacy's changes
 
 
 # ----------------------------------------------------------------------------- labels
@@ -149,6 +150,7 @@ def _all_removed(origin: str, split: str, log: clean.SplitLog) -> str:
 
 def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
     """Prepare every split of one (single-task) data config."""
+    privacy.check(cfg.privacy)
     splits = sources.split_names(cfg)
     raw = {s: sources.read_split(cfg, s) for s in splits}
     for s, records in raw.items():  # fail here, naming the source, not inside the tokenizer
@@ -163,7 +165,10 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
         if labels:
             records = _check_labels(records, labels, cfg.unknown_labels, s, logs[s])
         cleaned[s] = clean.clean_split(records, cfg.clean, logs[s])
+    cleaned, found = privacy.apply(cfg.privacy, cleaned, logs)
     report: dict = {"task": cfg.task, "seq_len": cfg.seq_len, "splits": {}}
+    if found:
+        report["privacy"] = found.report
     if "eval" in cleaned and cfg.clean.leakage != "off":
         leaked = set(clean.leakage(cleaned["train"], cleaned["eval"]))
         report["leakage"] = {"eval_rows_in_train": len(leaked), "removed": cfg.clean.leakage == "remove",
@@ -207,7 +212,7 @@ def prepare(cfg: ml_collections.ConfigDict, tokenizer) -> Prepared:
     if cfg.strict and report["warnings"]:
         raise DataError("; ".join(report["warnings"]) + " (an error because config.data.strict=True)")
     _log_warnings(report)
-    return Prepared(examples, labels, names, report, quarantine)
+    return Prepared(examples, labels, names, report, quarantine, found.log if found else [])
 
 
 def _log_warnings(report: dict) -> None:
@@ -283,6 +288,9 @@ def save(prepared: Prepared, directory: str | os.PathLike) -> None:
     _write(directory / "data_report.json", json.dumps(prepared.report, indent=1).encode())
     _write(directory / "quarantine.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n"
                                                    for row in prepared.quarantine).encode())
+    if "privacy" in prepared.report:
+        _write(directory / privacy.LOG_FILE, "".join(json.dumps(line) + "\n"
+                                                      for line in prepared.privacy_log).encode())
     meta = {"labels": prepared.labels, "label_names": prepared.label_names, "splits": list(prepared.examples)}
     _write(directory / "labels.json", json.dumps(meta).encode())
 
@@ -350,5 +358,7 @@ def summary(report: dict) -> str:
     if "leakage" in report:
         lines.append(f"  leakage: {report['leakage']['eval_rows_in_train']} eval rows also in train"
                      f"{' (removed)' if report['leakage']['removed'] else ''}")
+    if "privacy" in report:
+        lines.extend(privacy.summary(report["privacy"]))
     lines.extend(f"  warning: {w}" for w in report["warnings"])
     return "\n".join(lines)
