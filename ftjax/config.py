@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
         separator="\n\n",  # text between demonstrations and before the query
         max_examples=0,  # first N eval examples (0 = all)
         batch_size=8,  # eval examples per jitted call (each scores every label)
+        # Encode each draw's demonstrations once (a KV-cache prefix every query runs on) when the
+        # model is a decoder with a cache; False (or an encoder): score every full sequence.
+        prefix_cache=True,
     ))
     c.log = ml_collections.ConfigDict(dict(
         every_steps=10,

@@ -5,15 +5,20 @@ This is the baseline k-shot fine-tuning is compared against, so every piece is s
 draw ``d``'s demonstrations are exactly the train split that ``config.data.kshot`` (k, seed,
 draw=d) gives a fine-tuning run, each encoded as text_to_text trains on it (prompt template +
 verbaliser + EOS); the queries and label options are text_to_text's eval prompts and
-verbalisers; scoring is the Evaluator's verbaliser path (all options of a batch in one jitted
-call). Contextual calibration (Zhao et al., 2021) divides p(label | demos, x) by the mean
-p(label | demos, content-free x), i.e. subtracts log p_cf from the options' log-likelihoods.
+verbalisers. Scoring: on a decoder with a KV cache the draw's demonstrations are encoded once and
+every query and content-free prompt runs on top of them (``prefix_scores``; config
+``incontext.prefix_cache``, on by default); otherwise (an encoder, prompt tuning, k = 0 or the
+switch off) the Evaluator's verbaliser path scores each prompt's full sequence (all options of a
+batch in one jitted call). Both give the same scores up to float rounding. Contextual
+calibration (Zhao et al., 2021) divides p(label | demos, x) by the mean p(label | demos,
+content-free x), i.e. subtracts log p_cf from the options' log-likelihoods.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -23,6 +28,7 @@ from scipy.special import log_softmax, logsumexp
 
 from ftjax.data import encode, packing, prepare
 from ftjax.data.records import DataError, Record
+from ftjax.eval import prefix_scores
 from ftjax.eval.loop import Evaluator
 
 SUMMARY_METRICS = ("accuracy", "f1_macro", "f1_micro")
@@ -113,46 +119,95 @@ def _mean_std(rows: list[dict], prefix: str = "") -> dict[str, float]:
     return out
 
 
+class _Progress:
+    """``in-context draw 2/5: 96/201 prompts, 3.10/s`` every ``every_s`` seconds and at a draw's end."""
+
+    def __init__(self, draws: int, every_s: float = 30.0):
+        self.draws, self.every_s = draws, every_s
+
+    def start(self, draw: int, total: int) -> None:
+        self.draw, self.total, self.offset, self.done = draw, total, 0, 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        """``n`` prompts of the current scoring call are done."""
+        self.done = self.offset + n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            print(f"in-context draw {self.draw + 1}/{self.draws}: {self.done}/{self.total} prompts, "
+                  f"{self.done / max(now - self.t0, 1e-9):.2f}/s", flush=True)
+
+    def next_call(self) -> None:
+        self.offset = self.done
+
+
+def _full_scores(evaluator: Evaluator, params: Any, rest: Any, prompts: list[np.ndarray],
+                 options: list[list[int]], batch_size: int, length: int, pad: int,
+                 on_batch: Callable[[int], None]) -> np.ndarray:
+    """``[N, C]`` option log-likelihoods, every prompt's whole sequence in the forward pass."""
+    out = []
+    for b in choice_batches(prompts, np.zeros(len(prompts), np.int32), options, batch_size, length, pad):
+        out.append(evaluator.scores(params, rest, b))
+        on_batch(min(len(out) * batch_size, len(prompts)))
+    return np.concatenate(out)[:len(prompts)]
+
+
 def evaluate_incontext(model: nnx.Module, tokenizer: Any, config: ml_collections.ConfigDict,
                        mesh: Mesh) -> dict:
     """In-context accuracy / F1 of a causal LM per ``config.incontext`` over ``config.data``.
 
-    Returns ``summary`` (mean and std over draws, raw and calibrated) and one row per draw
-    with its demonstrations (decoded), metrics and content-free label probabilities.
+    With ``incontext.prefix_cache`` (and k > 0 and a decoder with a KV cache,
+    ``prefix_scores.supported``) each draw's demonstrations are encoded once and every query and
+    content-free prompt runs on top of them; otherwise every prompt's full sequence is scored.
+    Returns ``summary`` (mean and std over draws, raw and calibrated), ``prefix_cache`` (the path
+    taken) and one row per draw with its demonstrations (decoded), metrics and content-free label
+    probabilities.
     """
     icl = config.incontext
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = int(pad or 0)
-    evaluator, rows = None, []
-    for draw in range(icl.draws if icl.k else 1):
-        ep = build_episode(config.data, tokenizer, icl, draw)
-        if evaluator is None:
-            evaluator = Evaluator(graphdef, mesh, kind="lm", num_labels=len(ep.label_names),
-                                  label_names=ep.label_names, choices=True,
-                                  loss_chunk=config.train.loss_chunk)
-        longest = max(len(p) for p in ep.queries + ep.content_free) + max(len(o) for o in ep.options)
-        length = -(-longest // 16) * 16
+    episodes = [build_episode(config.data, tokenizer, icl, d) for d in range(icl.draws if icl.k else 1)]
+    cached = bool(icl.prefix_cache) and icl.k > 0 and prefix_scores.supported(model)
+    evaluator = Evaluator(graphdef, mesh, kind="lm", num_labels=len(episodes[0].label_names),
+                          label_names=episodes[0].label_names, choices=True,
+                          loss_chunk=config.train.loss_chunk)
+    if cached:
+        scorer = prefix_scores.PrefixScorer(graphdef, mesh, icl.batch_size, pad)
+        slots = max(prefix_scores.prefix_slots(len(ep.context)) for ep in episodes)
+    progress, rows = _Progress(len(episodes)), []
+    for ep in episodes:
+        if cached:
+            context = scorer.encode(params, rest, ep.context, slots)
 
-        def batches(prompts, labels):
-            return choice_batches(prompts, labels, ep.options, icl.batch_size, length, pad)
+            def score(seqs, ep=ep, context=context):
+                prompts = [s[len(ep.context):] for s in seqs]
+                return scorer.scores(params, rest, context, prompts, ep.options, progress.update)
+        else:
+            longest = max(len(p) for p in ep.queries + ep.content_free) + max(len(o) for o in ep.options)
 
-        row: dict[str, Any] = {"draw": draw,
+            def score(seqs, ep=ep, length=-(-longest // 16) * 16):
+                return _full_scores(evaluator, params, rest, seqs, ep.options, icl.batch_size, length,
+                                    pad, progress.update)
+
+        progress.start(ep.draw, len(ep.queries) + (len(ep.content_free) if icl.calibrate else 0))
+        row: dict[str, Any] = {"draw": ep.draw,
                                "demonstrations": [tokenizer.decode(d) for d in ep.demonstrations]}
         bias = None
         if icl.calibrate:
-            neutral = np.zeros(len(ep.content_free), np.int32)
-            scores = np.concatenate([evaluator.scores(params, rest, b)
-                                     for b in batches(ep.content_free, neutral)])[:len(ep.content_free)]
-            bias = calibration_bias(scores)
+            bias = calibration_bias(score(ep.content_free))
             row["p_content_free"] = np.exp(bias).tolist()
-        row["metrics"] = evaluator.run(params, rest, batches(ep.queries, ep.labels), option_bias=bias)
+            progress.next_call()
+        row["metrics"] = evaluator.run_scores(score(ep.queries), ep.labels,
+                                              [len(o) for o in ep.options], option_bias=bias)
         rows.append(row)
     summary = _mean_std([r["metrics"] for r in rows])
     if icl.calibrate:
         summary.update(_mean_std([r["metrics"]["calibrated"] for r in rows], "calibrated_"))
     return {"k": icl.k, "num_draws": len(rows), "num_examples": int(rows[0]["metrics"]["num_examples"]),
-            "label_names": evaluator.label_names, "summary": summary, "draws": rows}
+            "label_names": evaluator.label_names, "prefix_cache": cached, "summary": summary,
+            "draws": rows}
 
 
 def format_summary(result: dict) -> str:

@@ -15,6 +15,7 @@ Kinds (``Evaluator(kind=...)``):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -59,6 +60,26 @@ def _init_acc(kind: str, num_labels: int, choices: bool) -> dict[str, jax.Array]
     return acc
 
 
+def _choice_update(acc: dict, ll: jax.Array, option_tokens: jax.Array, batch: dict[str, jax.Array],
+                   num_labels: int, option_bias: jax.Array | None) -> dict:
+    """``acc`` plus one batch's option log-likelihoods ``ll`` ``[B, C]`` (``option_tokens`` ``[B, C]``
+    scored tokens each): the gold option's NLL and tokens, the confusion matrix of the best
+    allowed option and, with ``option_bias``, that of ``ll - option_bias`` (``calibrated``)."""
+    acc = dict(acc)
+    w = batch["example_mask"].astype(jnp.float32)
+    labels = jnp.clip(batch["labels"], 0, ll.shape[1] - 1)
+    gold_tokens = jnp.take_along_axis(option_tokens, labels[:, None], 1)[:, 0]
+    acc["nll"] += -jnp.sum(jnp.take_along_axis(ll, labels[:, None], 1)[:, 0] * w)
+    acc["weight"] += jnp.sum(gold_tokens * w)
+    allowed = batch["choice_mask"] > 0
+    preds = jnp.argmax(jnp.where(allowed, ll, -jnp.inf), -1)
+    acc["confusion"] += _confusion(batch["labels"], preds, w, num_labels)
+    if option_bias is not None:
+        preds = jnp.argmax(jnp.where(allowed, ll - option_bias, -jnp.inf), -1)
+        acc["calibrated"] += _confusion(batch["labels"], preds, w, num_labels)
+    return acc
+
+
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: int, *,
                    choices: bool = False, byte_lengths: np.ndarray | None = None,
                    gather_tags: bool = False, loss_chunk: int = 0):
@@ -79,17 +100,8 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, kind: str, num_labels: in
         acc, tags = dict(acc), {}
         if choices:
             ll = choice_log_likelihoods(model, batch, loss_chunk)
-            labels = jnp.clip(batch["labels"], 0, ll.shape[1] - 1)
-            gold_tokens = jnp.take_along_axis(batch["choice_loss_mask"].sum(-1), labels[:, None], 1)[:, 0]
-            acc["nll"] += -jnp.sum(jnp.take_along_axis(ll, labels[:, None], 1)[:, 0] * w)
-            acc["weight"] += jnp.sum(gold_tokens * w)
-            allowed = batch["choice_mask"] > 0
-            preds = jnp.argmax(jnp.where(allowed, ll, -jnp.inf), -1)
-            acc["confusion"] += _confusion(batch["labels"], preds, w, num_labels)
-            if option_bias is not None:
-                preds = jnp.argmax(jnp.where(allowed, ll - option_bias, -jnp.inf), -1)
-                acc["calibrated"] += _confusion(batch["labels"], preds, w, num_labels)
-            return acc, tags
+            return _choice_update(acc, ll, batch["choice_loss_mask"].sum(-1), batch, num_labels,
+                                  option_bias), tags
         if kind == "lm":
             total, weight, _ = lm_loss_terms(model, batch, loss_chunk)
         else:
@@ -139,6 +151,7 @@ class Evaluator:
         self._score = jax.jit(
             lambda params, frozen, batch: choice_log_likelihoods(nnx.merge(graphdef, params, frozen),
                                                                  batch, loss_chunk))
+        self._update_choices = jax.jit(partial(_choice_update, num_labels=num_labels))
 
     @classmethod
     def for_experiment(cls, exp: Any) -> "Evaluator":
@@ -161,6 +174,22 @@ class Evaluator:
         acc, gathered = self._accumulate(
             lambda batch, acc: self._step(params, frozen, batch, acc, bias), acc, batches, max_batches)
         return self._metrics(jax.device_get(acc), jax.device_get(gathered))
+
+    def run_scores(self, scores: np.ndarray, labels: np.ndarray, option_tokens: Sequence[int],
+                   option_bias: np.ndarray | None = None) -> dict:
+        """``run``'s metrics from option log-likelihoods scored elsewhere (choices only):
+        ``scores`` ``[N, C]``, every option allowed; ``option_tokens`` ``[C]``: each option's
+        scored tokens (for the loss)."""
+        if not self.choices:
+            raise ValueError("run_scores takes verbaliser scores: it needs choices=True")
+        acc, bias = self._start(option_bias)
+        scores = np.asarray(scores, np.float32)
+        n = len(scores)
+        batch = dict(labels=np.asarray(labels, np.int32), example_mask=np.ones(n, np.float32),
+                     choice_mask=np.ones(scores.shape, np.float32))
+        tokens = np.broadcast_to(np.asarray(option_tokens, np.float32), scores.shape)
+        acc = self._update_choices(acc, scores, tokens, batch, option_bias=bias)
+        return self._metrics(jax.device_get(acc), [])
 
     def run_arms(self, params: Any, shared: Any, per_arm: Any, frozen_of: Callable[[Any, Any], Any],
                  batches: Iterable[dict[str, np.ndarray]], num_arms: int, max_batches: int = 0

@@ -37,11 +37,11 @@ class Attention(layers.PrefixHook, nnx.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                cache: LayerKV | None) -> tuple[jax.Array, LayerKV | None]:
-        """``[B, T, N * H]`` attention output over the cache (after writing k, v) or over k, v,
-        and the prefix-tuning keys/values when set; returns the written cache too."""
+        """``[B, T, N * H]`` attention output over the cache (after writing k, v; a shared prefix
+        first) or over k, v, and the prefix-tuning keys/values when set; returns the written cache."""
         if cache is not None:
             cache = cache.write(k, v)
-            k, v = cache.k, cache.v
+            k, v = cache.keys_values()
         out = layers.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                                            prefix=self.prefix_kv())
         return out.reshape(*out.shape[:2], -1), cache
