@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _args(arg):
-    return parse_arg(arg, model="", ks="4+8+16+32", draws=3, steps=0, lr=0.0, max_eval=0,
+    return parse_arg(arg, model="", ks="4+8+16+32", draws=3, steps=0, lr=0.0, max_eval=0, seq_len=0,
                      data=str(REPO.parent / "shared" / "data"), algorithm="fomaml", meta_steps=100,
                      meta_batch=2, meta_k=4, queries=8, inner_steps=5, inner_lr=0.0, meta_lr=0.0,
                      meta_optimizer="")
@@ -55,7 +55,7 @@ def get_config(arg=None):
         c.model.head = "sequence_classification"
         c.model.pooling = "mean"
         presets.sst2(c.data)
-        c.data.seq_len = 64
+        c.data.seq_len = a.seq_len or 64
         c.method.kind = "lora"
         c.method.lora.targets = r"(self/query|self/value)$"
         steps, lr = a.steps or 30, a.lr or 3e-3
@@ -67,7 +67,7 @@ def get_config(arg=None):
             c.data.tokenizer_file = smollm2_gguf_path().name
             c.model.overrides = {"vocab_size": 49152}  # SmolLM2's vocabulary
         presets.sst2(c.data, task="text_to_text")
-        c.data.seq_len = 128
+        c.data.seq_len = a.seq_len or 128
         steps, lr = a.steps or 60, a.lr or 1e-5
         inner_lr, meta_lr, optimizer = a.inner_lr or 1e-3, a.meta_lr or 1e-5, a.meta_optimizer or "adamw"
     c.incontext.draws = a.draws
