@@ -10,6 +10,8 @@ the memory estimate fits; max_arms=N caps a group (refused if N don't fit); off 
 
 SIGTERM or Ctrl-C stops every running arm at a checkpoint and exits non-zero naming them;
 the same command again resumes them. See docs/scale_ray.md for sweeps on a Ray cluster.
+A config with ``study(workdir, arms, config) -> (path, text)`` also gets that report after the
+sweep's own (configs/scaling.py: scaling.md, the fit of the metric against log2 train rows).
 With --search (the default for a config with search() but no sweep()) it runs the config's
 Optuna search instead: --parallel trials at a time, report in search_report.md (docs/search.md).
 """
@@ -57,6 +59,9 @@ def main(argv):
     path_md, text = report.write_report(_WORKDIR.value, arms, metric,
                                         higher_is_better=config.eval.best_mode == "max")
     print("\n" + text + f"\nreport: {path_md}")
+    if hasattr(module, "study"):  # the config's own study report over the same arms
+        path_md, text = module.study(_WORKDIR.value, arms, config)
+        print("\n" + text + f"\nstudy report: {path_md}")
 
 
 def _launcher(fuse: bool = False):
