@@ -41,15 +41,20 @@ def create(model_cfg: ml_collections.ConfigDict, mesh: Mesh, *, num_labels: int 
 
     ``source`` is a preset name (random init, no tokenizer) or anything ``from_pretrained`` takes.
     """
-    runtime = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                   scan_layers=model_cfg.scan_layers, remat=model_cfg.remat)
-    overrides = {**dict(model_cfg.overrides), **_pooling(model_cfg)}
+    fields = model_fields(model_cfg)
     if model_cfg.source in registry.PRESETS:
         family, cfg = registry.get_preset(model_cfg.source)
-        cfg = replace_config(family, cfg, **runtime, **overrides)
+        cfg = replace_config(family, cfg, **fields)
         model = registry.init_sharded(
             lambda rngs: family.build(cfg, model_cfg.head, num_labels, rngs), mesh, seed)
         return model, None
     from ftjax.models.loading import from_pretrained
     return from_pretrained(model_cfg.source, head=model_cfg.head, num_labels=num_labels,
-                           mesh=mesh, allow_pickle=model_cfg.allow_pickle, **runtime, **overrides)
+                           mesh=mesh, allow_pickle=model_cfg.allow_pickle, **fields)
+
+
+def model_fields(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model-config fields ``config.model`` sets: dtypes, scan, remat, overrides, pooling."""
+    runtime = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                   scan_layers=model_cfg.scan_layers, remat=model_cfg.remat)
+    return {**runtime, **dict(model_cfg.overrides), **_pooling(model_cfg)}

@@ -276,7 +276,7 @@ def replace_config(family: registry.Family, cfg: Any, **fields: Any) -> Any:
     return dataclasses.replace(cfg, **fields)
 
 
-def _config(d: dict, head: str | None, num_labels: int, dtype: str, param_dtype: str,
+def model_config(d: dict, head: str | None, num_labels: int, dtype: str, param_dtype: str,
             overrides: dict) -> tuple[registry.Family, Any, str, int]:
     family = registry.family_for_model_type(d.get("model_type", "<missing>"))
     head = head or checkpoint_head(family, d)
@@ -287,6 +287,17 @@ def _config(d: dict, head: str | None, num_labels: int, dtype: str, param_dtype:
         if not num_labels:
             raise ValueError(f"head {head!r} needs num_labels (the checkpoint does not say)")
     return family, cfg, head, num_labels
+
+
+def folder_config(path: Path) -> dict:
+    """A HF folder's config.json, with a sentence-transformers checkpoint's pooling added."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} has no config.json")
+    d = json.loads(config_file.read_text())
+    if (path / SENTENCE_POOLING_FILE).exists():
+        d["sentence_transformers_pooling"] = json.loads((path / SENTENCE_POOLING_FILE).read_text())
+    return d
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -322,7 +333,7 @@ def from_pretrained(source: str | Path, *, head: str | None = None, num_labels: 
     if path.suffix == ".gguf":
         from ftjax.models import gguf_io
         d, tensors = gguf_io.read_gguf(path)
-        family, cfg, head, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
+        family, cfg, head, num_labels = model_config(d, head, num_labels, dtype, param_dtype, overrides)
         model = load_weights(family, cfg, head, num_labels, tensors, mesh, seed=seed,
                              where=str(path))
         return model, gguf_io.load_tokenizer(path)
@@ -337,13 +348,8 @@ def from_pretrained(source: str | Path, *, head: str | None = None, num_labels: 
             raise ValueError(f"{source!r} is not a folder, a .gguf file, a preset "
                              f"({sorted(registry.PRESETS)}) or a hub id (owner/name)")
         path = _download(str(source), allow_pickle)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path} has no config.json")
-    d = json.loads(config_file.read_text())
-    if (path / SENTENCE_POOLING_FILE).exists():  # a sentence-transformers checkpoint's pooling
-        d["sentence_transformers_pooling"] = json.loads((path / SENTENCE_POOLING_FILE).read_text())
-    family, cfg, head, num_labels = _config(d, head, num_labels, dtype, param_dtype, overrides)
+    d = folder_config(path)
+    family, cfg, head, num_labels = model_config(d, head, num_labels, dtype, param_dtype, overrides)
     tensors = folder_source(path, allow_pickle)
     model = load_weights(family, cfg, head, num_labels, tensors, mesh, seed=seed, where=str(path))
     return model, load_tokenizer(path)

@@ -11,7 +11,10 @@ estimated from the architecture, the per-device micro-batch and the remat policy
       dots_no_batch:          3D + (N + 2K)H + 2F
       full:                   D   (+ one layer's 'none' set, rebuilt during its backward pass)
     once per token: the float32 logits and their gradient (2 x 4V bytes); with the LM loss in
-      chunks of C positions (config.train.loss_chunk) only one chunk's: B x min(C, T) tokens
+      chunks of C positions (config.train.loss_chunk) only one chunk's: B x min(C, T) tokens.
+      LM heads only: a classifier's logits are [B, labels] (not counted)
+    when nothing in or below the layers trains (a linear probe) they run forward only: one
+      layer's 'none' set and the hidden state (D) at a time
 
 with D the width, F the MLP width, N/K query/key-value heads of size H, T the sequence length.
 Head-, MLP- and vocabulary-sized terms are divided by the ``tensor`` axis. XLA's own temporaries
@@ -34,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import sharding
 from ftjax.errors import FtjaxError
+from ftjax.train import flops
 
 GIB = 1024 ** 3
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
@@ -127,8 +131,14 @@ def optimizer_bytes(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -
 
 
 def activation_bytes(arch: Any, batch: int, seq_len: int, remat: str, tensor: int = 1,
-                     loss_chunk: int = 0) -> int:
-    """Activations kept for the backward pass (see the module docstring), per device."""
+                     loss_chunk: int = 0, *, vocab_logits: bool = True,
+                     stack_backward: bool = True) -> int:
+    """Activations kept for the backward pass (see the module docstring), per device.
+
+    ``vocab_logits=False``: a classifier's head (logits [B, labels], not counted);
+    ``stack_backward=False``: nothing in or below the layers trains (a linear probe), so they run
+    forward only and hold one layer's set and the hidden state it hands on at a time.
+    """
     d, layers = arch.hidden_size, arch.num_layers
     f = getattr(arch, "intermediate_size", None) or 4 * d
     n = arch.num_heads
@@ -146,8 +156,8 @@ def activation_bytes(arch: Any, batch: int, seq_len: int, remat: str, tensor: in
     if remat not in per_layer:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(per_layer)}")
     rebuilt = full_set if remat in ("dots", "dots_no_batch", "full") else 0  # one layer's backward
-    stored = layers * per_layer[remat] + rebuilt
-    logits = 2 * 4 * arch.vocab_size / tensor
+    stored = layers * per_layer[remat] + rebuilt if stack_backward else full_set + d * width
+    logits = 2 * 4 * arch.vocab_size / tensor if vocab_logits else 0
     logit_positions = min(loss_chunk, seq_len) if loss_chunk > 0 else seq_len
     return int(batch * (seq_len * stored + logit_positions * logits))
 
@@ -169,35 +179,47 @@ def device_limit(device: Any = None) -> int | None:
 def estimate(params: Any, frozen: Any, tx: optax.GradientTransformation, mesh: Mesh, arch: Any, *,
              batch_size: int, seq_len: int, remat: str = "none", grad_accum: int = 1,
              trains_everything: bool = False, limit: int | None = None,
-             loss_chunk: int = 0) -> MemoryEstimate:
+             loss_chunk: int = 0, vocab_logits: bool = True,
+             stack_backward: bool = True) -> MemoryEstimate:
     """Estimate per-device memory of training ``params`` (with ``frozen`` alongside) by ``tx``.
 
     ``batch_size`` is the global batch of one optimizer step (split into ``grad_accum``
     micro-batches, each over the mesh's data x fsdp axes). ``arch`` is the model's architecture
-    config (width, layers, heads, vocabulary); ``loss_chunk`` is ``config.train.loss_chunk``.
+    config (width, layers, heads, vocabulary); ``loss_chunk`` is ``config.train.loss_chunk``;
+    ``vocab_logits`` and ``stack_backward`` as in :func:`activation_bytes` (see ``for_experiment``).
     """
     trainable = state_bytes(params, mesh)
     batch = max(1, batch_size // grad_accum // sharding.batch_divisor(mesh))
     tensor = mesh.shape["tensor"]
-    by_remat = {r: activation_bytes(arch, batch, seq_len, r, tensor, loss_chunk) for r in REMAT_ORDER}
+    def acts(policy: str) -> int:
+        return activation_bytes(arch, batch, seq_len, policy, tensor, loss_chunk,
+                                vocab_logits=vocab_logits, stack_backward=stack_backward)
+
     return MemoryEstimate(
         params=trainable + state_bytes(frozen, mesh), grads=trainable,
-        optimizer=optimizer_bytes(tx, params, mesh),
-        activations=activation_bytes(arch, batch, seq_len, remat, tensor, loss_chunk), limit=limit,
-        remat=remat, activations_by_remat=by_remat, trains_everything=trains_everything,
+        optimizer=optimizer_bytes(tx, params, mesh), activations=acts(remat), limit=limit,
+        remat=remat, activations_by_remat={r: acts(r) for r in REMAT_ORDER},
+        trains_everything=trains_everything,
         batch_per_device=batch, grad_accum=grad_accum,
-        model_shards=mesh.shape["fsdp"] * tensor, devices=mesh.devices.size)
+        model_shards=mesh.shape["fsdp"] * tensor, devices=mesh.size)
 
 
 def for_experiment(exp: Any, tx: optax.GradientTransformation) -> MemoryEstimate:
     """The estimate for a built ``Experiment`` on its mesh, against this device's limit."""
     c = exp.config
     arch = getattr(exp.model, "model", exp.model).cfg
-    frozen_weights = jax.tree.leaves(nnx.filter_state(exp.frozen, nnx.Param))
     return estimate(exp.params, exp.frozen, tx, exp.mesh, arch, batch_size=c.train.batch_size,
                     seq_len=c.data.seq_len, remat=c.model.remat, grad_accum=c.train.grad_accum,
-                    trains_everything=not frozen_weights, limit=device_limit(),
-                    loss_chunk=c.train.loss_chunk)
+                    limit=device_limit(), loss_chunk=c.train.loss_chunk,
+                    **method_facts(exp.model, exp.plan.trainable, exp.frozen, exp.kind))
+
+
+def method_facts(model: nnx.Module, trainable: Any, frozen: Any, kind: str) -> dict[str, bool]:
+    """``estimate``'s keywords that depend on the method and head: whether every weight trains,
+    whether the loss has vocabulary logits (an LM), whether the layers run backward."""
+    return dict(trains_everything=not jax.tree.leaves(nnx.filter_state(frozen, nnx.Param)),
+                vocab_logits=kind == "lm",
+                stack_backward=flops.lowest_trainable(model, trainable) <= flops.STACK)
 
 
 def check(est: MemoryEstimate) -> None:
