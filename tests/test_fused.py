@@ -50,10 +50,11 @@ def _config(bert_dir: Path, devices: int = 1, **overrides):
     return with_overrides(c, {"method.kind": "lora", **overrides})
 
 
-LORA_ARMS = {  # lr, seed, alpha and rank differ inside one group
-    "r8": {"train.learning_rate": 3e-3},
-    "r4-a4-lr1e-2": {"method.lora.rank": 4, "method.lora.alpha": 4.0, "train.learning_rate": 1e-2},
-    "s1": {"train.seed": 1, "method.lora.alpha": 8.0},
+LORA_ARMS = {  # lr, seed, alpha, rank and dropout rate differ inside one group
+    "r8": {"train.learning_rate": 3e-3, "method.lora.dropout": 0.1},
+    "r4-a4-lr1e-2": {"method.lora.rank": 4, "method.lora.alpha": 4.0, "train.learning_rate": 1e-2,
+                     "method.lora.dropout": 0.3},
+    "s1": {"train.seed": 1, "method.lora.alpha": 8.0, "method.lora.dropout": 0.1},
 }
 
 

@@ -309,4 +309,6 @@ def test_pissa_arms_of_another_rank_do_not_fuse_and_plus_ratio_may_change_on_res
     assert key(init="pissa", rank=4) != key(init="pissa", rank=8)  # A0, B0 of the arm's rank
     assert key(init="pissa", rank=4, alpha=2.0) == key(init="pissa", rank=4, alpha=8.0)
     assert key(plus_ratio=4.0) != key(plus_ratio=8.0)  # the ratio is a constant of the program
+    assert key(dropout=0.1) == key(dropout=0.3)  # the keep probability is state
+    assert key(dropout=0.0) != key(dropout=0.1)  # rate 0 has no dropout in its program
     assert resume._may_change("method.lora.plus_ratio") and not resume._may_change("method.lora.init")

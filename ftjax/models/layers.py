@@ -232,22 +232,32 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+class DropoutKeep(nnx.Variable):
+    """A dropout's keep probability held as frozen state rather than in the graph, so arms that
+    differ only in the rate compile to one program (fused arms); never trained."""
+
+
 class Dropout(nnx.Module):
     """Dropout driven by a key the train step installs (``set_dropout_key``): the identity
     until then, so evaluation, export and serving never drop anything.
 
     Keeping the key out of an nnx rng stream keeps the step pure: nothing mutates inside grad.
     A dropout inside stacked layers (a LoRA branch's) says its ``stack`` shape: it then holds one
-    key per layer, which the layer scan hands out like the layers' parameters.
+    key per layer, which the layer scan hands out like the layers' parameters. With ``traced``
+    the rate is a ``DropoutKeep`` value (one per stacked layer) instead of a constant.
     """
 
-    def __init__(self, rate: float, stack: tuple[int, ...] = ()):
-        self.rate, self.stack = rate, tuple(stack)
+    def __init__(self, rate: float, stack: tuple[int, ...] = (), traced: bool = False):
+        self.stack = tuple(stack)
+        self.rate = None if traced else rate
+        self.keep = DropoutKeep(jnp.full(self.stack, 1.0 - rate, jnp.float32)) if traced else nnx.data(None)
         self.key = nnx.data(None)
 
     def __call__(self, x: jax.Array, salt: int = 0) -> jax.Array:
         key = None if self.key is None else jax.random.fold_in(self.key, salt)
-        return dropout(x, self.rate, key)
+        if self.keep is None:
+            return dropout(x, self.rate, key)
+        return x if key is None else _drop(x, self.keep[...], key)
 
     def keys(self, shape: tuple[int, ...]) -> jax.Array | None:
         """Fresh keys (e.g. one per scanned layer), or None when dropout is off."""
@@ -270,5 +280,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return _drop(x, 1.0 - rate, key)
+
+
+def _drop(x: jax.Array, keep_prob: float | jax.Array, key: jax.Array) -> jax.Array:
+    """Keep each entry with probability ``keep_prob`` (a float32 value either way), scaled up."""
+    keep = jax.random.bernoulli(key, keep_prob, x.shape)
+    return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), 0).astype(x.dtype)

@@ -79,8 +79,9 @@ class LoRALinear(WrappedLinear):
             self.magnitude = surgery.AdapterParam(norm.astype(surgery.float_dtype(kernel)),
                                        logical_axes=lead_axes + (out_axis,))
         self.merge_scale = nnx.data(None)  # DoRA: the column scale used by merge(), kept for unmerge()
-        # PEFT's lora_dropout on the branch's input: one key per stacked layer, train step only
-        self.lora_dropout = layers.Dropout(dropout, stack=lead_shape) if dropout else None
+        # PEFT's lora_dropout on the branch's input: one key per stacked layer, train step only;
+        # the rate is state (not graph), so arms that differ in it fuse
+        self.lora_dropout = layers.Dropout(dropout, stack=lead_shape, traced=True) if dropout else None
         # PiSSA/OLoRA: the base kernel becomes W - s A0 B0; (A0, B0) are kept for the PEFT export
         self.lora_a0, self.lora_b0 = lora_init.initialise(self, init, scale, key)
 

@@ -1,11 +1,11 @@
 """Many arms, one program: the arms of a sweep that compile to the same step, trained together.
 
 Arms whose configs differ only in traced values (``FUSABLE``: learning rate, weight decay, Adam
-moments, seed, LoRA alpha and rank) share one model graph. Each arm is built as its own run
+moments, seed, LoRA alpha, rank and dropout rate) share one model graph. Each arm is built as its own run
 would be (same seed, same init, same data order); then its trainable parameters and optimizer
 state are stacked on a leading ``arm`` axis and ``train.step``'s pure step is ``vmap``-ped over
 it. The frozen backbone is kept once and shared: a frozen leaf that differs between arms (a
-LoRA scale for another alpha) is stacked, every other one is unbatched, so with a shared batch
+LoRA scale for another alpha, a LoRA dropout's keep probability) is stacked, every other one is unbatched, so with a shared batch
 the backbone forward of head-only arms is computed once. A lower LoRA rank is zero-padded to the
 group's largest and its gradient masked, so its padding stays exactly zero and the arm trains as
 a run at its own rank. Batches are shared when every arm has the same seed (same data order and

@@ -17,7 +17,7 @@ from ftjax.errors import FtjaxError
 # Config keys whose values are traced (or only change the init and the data order): arms that
 # differ only in these fuse. Every other key must be equal across a group.
 FUSABLE = ("train.learning_rate", "train.weight_decay", "train.b1", "train.b2", "train.eps",
-           "train.seed", "method.lora.alpha", "method.lora.rank")
+           "train.seed", "method.lora.alpha", "method.lora.rank", "method.lora.dropout")
 T = TypeVar("T")
 
 
@@ -48,7 +48,9 @@ def program_key(config: ml_collections.ConfigDict) -> str | None:
     init = str(config.method.lora.init)
     if init == "olora" or init.startswith("pissa"):  # lora_init.moves_base: the frozen A0, B0
         fusable = tuple(k for k in FUSABLE if k != "method.lora.rank")  # have the arm's rank
-    return json.dumps({k: v for k, v in flat.items() if k not in fusable}, sort_keys=True, default=str)
+    key = {k: v for k, v in flat.items() if k not in fusable}
+    key["lora dropout on"] = bool(config.method.lora.dropout)  # rate 0 has no dropout in its graph
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
