@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
         # the backward pass); 0 = all at once. Experimental: same loss and gradients, but XLA
         # does not yet free most of the [B, T, V] logits (tests/test_lm_loss_chunked.py).
         loss_chunk=0,
+        # Batches built and put on their devices ahead of the step, in a background thread
+        # (ftjax.data.prefetch); 0 = built in the loop, between steps.
+        prefetch=2,
     ))
     # Axis sizes (one may be -1 = the rest); num_devices > 0 uses only the first N devices.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))

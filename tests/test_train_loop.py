@@ -91,15 +91,18 @@ def test_sharded_2x4_matches_single_device(tmp_path):
 
 def test_kill_and_resume_is_exact(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
+    # The reference builds each batch in the loop; the killed run prefetches 3 ahead, so its
+    # checkpoint must hold the consumed batch's data position, not the prefetched ones'.
     args = (*COMMON, "--config.checkpoint.every_steps=5", "--config.train.steps=10")
-    r = _run_cli(full, *args, devices=SHARDED)
+    r = _run_cli(full, *args, "--config.train.prefetch=0", devices=SHARDED)
     assert r.returncode == 0, r.stderr[-3000:]
-    proc = _run_cli(killed, *args, wait=False, devices=SHARDED)
+    prefetch = "--config.train.prefetch=3"
+    proc = _run_cli(killed, *args, prefetch, wait=False, devices=SHARDED)
     _wait_for_step(killed, 7, proc)
     assert (killed / "checkpoints" / "5").exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = _run_cli(killed, *args, devices=SHARDED)
+    r = _run_cli(killed, *args, prefetch, devices=SHARDED)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout + r.stderr
 

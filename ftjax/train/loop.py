@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ftjax import distributed, sharding
+from ftjax.data.prefetch import Prefetcher
 from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
@@ -143,6 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         before = restored.data.get("totals", before)
         log.info(f"resumed from {workdir / 'checkpoints'} at step {restored.step}")
     start = int(state.step)
+    # Step n + 1's batch is built and transferred while step n runs; the checkpoints record the
+    # position of the batch each step consumed (``batches.get_state``), not of the queued ones.
+    batches = Prefetcher(lambda: next(train_iter), train_iter.get_state,
+                         lambda b: sharding.shard_batch(b, exp.mesh), t.prefetch)
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         (workdir / "data_report.json").write_text(json.dumps(exp.pipe.report, indent=1))
@@ -161,10 +166,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     run_start, tokens_seen = time.time(), 0
     log.start(start)
     best = _best_logged(workdir, config.eval) if main else {}  # evals before a resume count too
-    with _Preemption() as preempt:
+    with _Preemption() as preempt, batches:
         window_start, window_tokens, first_step_time = time.time(), 0, None
         for step in range(start, t.steps):
-            batch = sharding.shard_batch(next(train_iter), exp.mesh)
+            batch = next(batches)
             if flops_per_token is None:
                 seq_len = batch["input_ids"].shape[1]
                 flops_per_token = train_flops_per_token(exp.model, seq_len)
@@ -197,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             stop = preempt.should_stop()
             if eval_now or done % config.checkpoint.every_steps == 0 or stop or final:
                 totals = _totals(before, tokens_seen, run_start)
-                ckpt.save(done, state, {**train_iter.get_state(), "totals": totals},
+                ckpt.save(done, state, {**batches.get_state(), "totals": totals},
                           metrics=_scalars(eval_metrics) if eval_metrics else None, force=True)
             if stop:
                 log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")

@@ -24,7 +24,8 @@ HISTORY = "config_history.jsonl"
 MAY_CHANGE = (
     "train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
     "train.min_lr_ratio", "train.weight_decay", "train.b1", "train.b2", "train.eps",
-    "train.grad_clip", "train.grad_accum", "model.remat", "model.dtype", "model.allow_pickle",
+    "train.grad_clip", "train.grad_accum", "train.prefetch", "model.remat", "model.dtype",
+    "model.allow_pickle",
     "method.lora.plus_ratio",  # LoRA+'s B learning-rate ratio, a learning rate like the others
     "data.cache_dir", "eval.", "log.", "checkpoint.", "incontext.", "mesh.", "distributed.",
 )
