@@ -3,8 +3,10 @@ three modes, the log and report, the cache key, real phone numbers in SMS spam, 
 check that tells a model that memorised a secret from one trained on the redacted text."""
 
 import collections
+import functools
 import json
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -195,24 +197,37 @@ def test_sms_spam_phone_numbers():
 SECRET_ROW = "my card number is 4111 1111 1111 1111 thanks"
 
 
-def _memorised(text: str, tok, steps: int = 150) -> Generator:
-    """A tiny random Llama trained on one line until it knows it by heart."""
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _fit(graphdef, params, rest, ids, mask, steps):
+    """``steps`` Adam steps on next-token loss over ``ids`` where ``mask``, in one compiled loop."""
+    tx = optax.adam(1e-2)
+
+    def loss(p):
+        nll = cross_entropy(nnx.merge(graphdef, p, rest)(ids)[:, :-1], ids[:, 1:])
+        return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+    def body(_, carry):
+        p, state = carry
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        return optax.apply_updates(p, updates), state
+
+    params, _ = jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))
+    return params, loss(params)
+
+
+def _memorised(texts: list[str], tok, steps: int = 150, length: int = 32) -> list[Generator]:
+    """One tiny random Llama per text, each trained from the same init on its one line (padded
+    to ``length``, so all share one compile) until it knows it by heart."""
     model, _ = from_pretrained("tiny-llama", mesh=one_device_mesh(), vocab_size=len(tok))
-    ids = np.asarray([tok(text)["input_ids"] + [tok.eos_token_id]], np.int32)
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, ids):
-        def loss(m):
-            return cross_entropy(m(ids)[:, :-1], ids[:, 1:]).mean()
-        value, grads = nnx.value_and_grad(loss)(model)
-        opt.update(model, grads)
-        return value
-
-    for _ in range(steps):
-        last = step(model, opt, ids)
-    assert float(last) < 0.05
-    return Generator(model, tok)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    out = []
+    for text in texts:
+        row = tok(text)["input_ids"] + [tok.eos_token_id]
+        ids = np.asarray([row + [tok.pad_token_id] * (length - len(row))], np.int32)
+        trained, last = _fit(graphdef, params, rest, ids, (ids != tok.pad_token_id).astype(np.float32), steps)
+        assert float(last) < 0.05
+        out.append(Generator(nnx.merge(graphdef, trained, rest), tok))
+    return out
 
 
 def test_leakage_check_tells_memorised_from_redacted():
@@ -220,8 +235,9 @@ def test_leakage_check_tells_memorised_from_redacted():
     rows, result, _ = run([(SECRET_ROW, [])], mode="redact", entities=["credit_card"])
     assert rows[0].text == "my card number is <CREDIT_CARD> thanks"
     probes = result.originals
-    leaky = leakage.check(_memorised(SECRET_ROW, tok), probes)
-    clean_ = leakage.check(_memorised(rows[0].text, tok), probes)
+    raw_model, redacted_model = _memorised([SECRET_ROW, rows[0].text], tok)
+    leaky = leakage.check(raw_model, probes)
+    clean_ = leakage.check(redacted_model, probes)
     assert (leaky["probes"], leaky["reproduced"]) == (1, 1)
     assert (clean_["probes"], clean_["reproduced"]) == (1, 0)
     assert leaky["reproduced_rows"][0]["entity"] == "credit_card"
