@@ -156,7 +156,7 @@ def test_report_end_to_end(study):
     slope = (full - small) / (6 - 2)  # a line through the two points, by hand
     fit_row = next(line for line in text.splitlines() if line.startswith("| lora | 2 | 2 |"))
     cells = [c.strip() for c in fit_row.split("|")[1:-1]]
-    assert float(cells[3]) == pytest.approx(slope, abs=5e-5) and cells[4] == "—" and cells[5] == "1.000"
+    assert float(cells[3]) == pytest.approx(slope, abs=1e-4) and cells[4] == "—" and cells[5] == "1.000"
     assert "fixed, 4 steps × 8 examples per arm" in text and "too few runs to test" in text
     assert path == d / "scaling.md" and path.read_text() == text
     assert (d / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
