@@ -22,6 +22,7 @@ import ml_collections
 from etils import epath
 
 from ftjax import distributed
+from ftjax.data.prefetch import Prefetcher
 from ftjax.eval import tasks as eval_tasks
 from ftjax.eval.loop import Evaluator
 from ftjax.eval.metrics import format_table
@@ -129,55 +130,63 @@ def train_fused(arms: Sequence[tuple[str, ml_collections.ConfigDict, str | os.Pa
     window_start, window_tokens, first_step_time = time.time(), 0, None
     has_eval = group.arms[0].pipe.has_eval
     # Arms with one seed read one stream (and record its position as theirs).
-    iter_of = [iters[0] if group.shared_batch else it for it in iters]
+    sources = iters[:1] if group.shared_batch else iters
+    source_of = [0 if group.shared_batch else i for i in range(n)]
+    # The next step's batches are built while this one runs (as in ``train.loop.train``).
+    batches = Prefetcher(lambda: [next(it) for it in sources], lambda: [it.get_state() for it in sources],
+                         lambda raw: (raw[0]["input_ids"].shape, fused.shard_batches(group, raw)),
+                         t.prefetch)
     preempt = _Preemption().__enter__()
-    for step in range(start, t.steps):
-        raw = [next(iters[0])] if group.shared_batch else [next(it) for it in iters]
-        batch = fused.shard_batches(group, raw)
-        if flops_per_token is None:
-            flops_per_token = train_flops_per_token(ref.model, raw[0]["input_ids"].shape[1])
-        group.state, metrics = step_fn(group.state, group.shared_frozen, group.arm_frozen, batch)
-        arm_tokens = raw[0]["input_ids"].size
-        window_tokens += arm_tokens
-        tokens_seen += arm_tokens
-        done = step + 1
-        if first_step_time is None:
-            jax.block_until_ready(group.state)
-            first_step_time = time.time() - window_start
-            for log in logs:
-                log.info(f"first step (trace + compile + run) took {first_step_time:.2f}s")
-            window_start, window_tokens = time.time(), 0
-        final = done == t.steps
-        if done % group.arms[0].config.log.every_steps == 0 or final:
-            host = jax.device_get(metrics)
-            elapsed = time.time() - window_start
-            for i, log in enumerate(logs):
-                row = eval_tasks.host_train_metrics({k: v[i] for k, v in host.items()},
-                                                    group.arms[i].pipe.info.task_names)
-                if window_tokens and elapsed > 0:
-                    row["tokens_per_sec"] = window_tokens / elapsed  # this arm's, in the fused time
-                log.log(done, row)
-            window_start, window_tokens = time.time(), 0
-        c = group.arms[0].config
-        eval_now = has_eval and (final or (c.eval.every_steps and done % c.eval.every_steps == 0))
-        stop = preempt.should_stop()
-        if eval_now or done % c.checkpoint.every_steps == 0 or stop or final:
-            if eval_now:
-                last_eval = evaluate_all()
-            for i, (a, log, ckpt) in enumerate(zip(group.arms, logs, ckpts)):
-                eval_metrics = None
+    try:
+        for step in range(start, t.steps):
+            shape, batch = next(batches)
+            if flops_per_token is None:
+                flops_per_token = train_flops_per_token(ref.model, shape[1])
+            group.state, metrics = step_fn(group.state, group.shared_frozen, group.arm_frozen, batch)
+            arm_tokens = shape[0] * shape[1]
+            window_tokens += arm_tokens
+            tokens_seen += arm_tokens
+            done = step + 1
+            if first_step_time is None:
+                jax.block_until_ready(group.state)
+                first_step_time = time.time() - window_start
+                for log in logs:
+                    log.info(f"first step (trace + compile + run) took {first_step_time:.2f}s")
+                window_start, window_tokens = time.time(), 0
+            final = done == t.steps
+            if done % group.arms[0].config.log.every_steps == 0 or final:
+                host = jax.device_get(metrics)
+                elapsed = time.time() - window_start
+                for i, log in enumerate(logs):
+                    row = eval_tasks.host_train_metrics({k: v[i] for k, v in host.items()},
+                                                        group.arms[i].pipe.info.task_names)
+                    if window_tokens and elapsed > 0:
+                        row["tokens_per_sec"] = window_tokens / elapsed  # this arm's, in the fused time
+                    log.log(done, row)
+                window_start, window_tokens = time.time(), 0
+            c = group.arms[0].config
+            eval_now = has_eval and (final or (c.eval.every_steps and done % c.eval.every_steps == 0))
+            stop = preempt.should_stop()
+            if eval_now or done % c.checkpoint.every_steps == 0 or stop or final:
                 if eval_now:
-                    eval_metrics = last_eval[i]
-                    log.log(done, _scalars(eval_metrics), prefix="eval")
-                    best[i] = _better(best[i], done, eval_metrics, a.config.eval)
-                data = {**iter_of[i].get_state(), "totals": _totals(before[i], tokens_seen, run_start)}
-                ckpt.save(done, fused.arm_state(group, i), data,
-                          metrics=_scalars(eval_metrics) if eval_metrics else None, force=True)
-        if stop:
-            for log in logs:
-                log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")
-            break
-    preempt.__exit__(None, None, None)
+                    last_eval = evaluate_all()
+                for i, (a, log, ckpt) in enumerate(zip(group.arms, logs, ckpts)):
+                    eval_metrics = None
+                    if eval_now:
+                        eval_metrics = last_eval[i]
+                        log.log(done, _scalars(eval_metrics), prefix="eval")
+                        best[i] = _better(best[i], done, eval_metrics, a.config.eval)
+                    data = {**batches.get_state()[source_of[i]],
+                            "totals": _totals(before[i], tokens_seen, run_start)}
+                    ckpt.save(done, fused.arm_state(group, i), data,
+                              metrics=_scalars(eval_metrics) if eval_metrics else None, force=True)
+            if stop:
+                for log in logs:
+                    log.info(f"SIGTERM: saved a checkpoint at step {done}; exiting so the run can resume")
+                break
+    finally:
+        preempt.__exit__(None, None, None)
+        batches.close()
     if int(group.state.step) >= t.steps and has_eval and not all(last_eval):
         last_eval = evaluate_all()  # a finished group started again
     for i, (a, log, ckpt) in enumerate(zip(group.arms, logs, ckpts)):
