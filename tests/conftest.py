@@ -41,13 +41,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The longest files go first (make test passes --no-loadscope-reorder, so xdist keeps this order
 # and hands the next file to whichever worker is free), so none is left running alone at the end.
-_LONGEST_FIRST = ("test_fused.py", "test_sweep_ray.py", "test_preference_train.py", "test_train_loop.py",
+_LONGEST_FIRST = ("test_fused.py", "test_sweep_ray.py", "test_preference_sentiment.py", "test_meta.py",
+                  "test_preference_train.py", "test_train_loop.py",
                   "test_peft_methods.py", "test_preference_step.py", "test_peft_zoo.py",
                   "test_serve_continuous.py", "test_gguf_tokenizer.py",
                   "test_faults_resume.py", "test_search.py", "test_export.py", "test_object_store.py",
                   "test_wheel.py", "test_generate.py", "test_multiprocess.py", "test_gguf.py",
                   "test_sweep_faults.py", "test_workflows.py", "test_resume_logs.py", "test_serve.py",
-                  "test_faults_checkpoint.py", "test_incontext.py", "test_faults_export.py")
+                  "test_faults_checkpoint.py", "test_incontext.py", "test_incontext_prefix.py",
+                  "test_plan.py", "test_privacy.py", "test_scaling.py", "test_faults_export.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
