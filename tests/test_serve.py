@@ -246,16 +246,24 @@ def _leaves(d, prefix=()):
 
 
 def test_workdir_config_round_trips(tmp_path):
-    """A workdir's config.json (written by the training loop) rebuilds the run's ConfigDict."""
-    from ftjax.configs.tiny import get_config
+    """A workdir's config.json (written by the training loop) rebuilds the run's ConfigDict, and
+    a run saved before a key existed gets its default (a served old run keeps working)."""
+    import json
 
-    from ftjax.serve.models import is_workdir, workdir_config
+    from ftjax.config import load_run_config
+    from ftjax.configs.tiny import get_config
+    from ftjax.serve.models import is_workdir
 
     config = get_config("steps=3")
     assert not is_workdir(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.json").write_text(config.to_json_best_effort(indent=2))
     assert is_workdir(tmp_path)
-    rebuilt = workdir_config(tmp_path)
+    rebuilt = load_run_config(tmp_path)
     assert dict(_leaves(rebuilt.to_dict())) == dict(_leaves(config.to_dict()))
     assert rebuilt.train.steps == 3 and rebuilt.model.head == "causal_lm"
+    old = json.loads(config.to_json_best_effort())
+    del old["train"]["loss_chunk"], old["train"]["prefetch"]  # keys newer than the run
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    rebuilt = load_run_config(tmp_path)
+    assert rebuilt.train.loss_chunk == 0 and rebuilt.train.prefetch == config.train.prefetch

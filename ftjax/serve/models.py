@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import ml_collections
 from flax import nnx
 
+from ftjax.config import load_run_config
 from ftjax.generate import Generator
 from ftjax.models.loading import from_pretrained, load_tokenizer
 from ftjax.serve import multi_lora
@@ -48,11 +48,6 @@ def is_workdir(path: Path) -> bool:
     return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
 
 
-def workdir_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The run's config, rebuilt from the ``config.json`` the training loop wrote."""
-    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-
-
 def _hf_head(path: Path) -> tuple[str, list[str]]:
     """(head, label names) of a Hugging Face folder, from its ``architectures``/``id2label``."""
     d = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
@@ -71,7 +66,7 @@ def _load(source: str, checkpoint: str, tokenizer: str | None) -> tuple[Any, Any
     path = Path(source)
     if is_workdir(path):
         from ftjax.train.loop import load_trained
-        config = workdir_config(path)
+        config = load_run_config(path)
         exp, _ = load_trained(config, path, checkpoint)
         labels = list(exp.pipe.info.label_names) if config.model.head != "causal_lm" else []
         return exp.model, exp.tokenizer, config.model.head, labels
@@ -129,12 +124,12 @@ def attach_adapters(model: nnx.Module, tokenizer: Any, adapters: Mapping[str, st
     for name, source in adapters.items():
         path = Path(source)
         if is_workdir(path):
-            kind = workdir_config(path).method.kind
+            kind = load_run_config(path).method.kind
             if kind not in LORA_FAMILY:
                 raise multi_lora.AdapterError(f"adapter {name}: {path} trained method {kind!r}; only "
                                  f"{LORA_FAMILY} adapters can share the base model")
             from ftjax.train.loop import load_trained
-            adapted = load_trained(workdir_config(path), path, checkpoint)[0].model
+            adapted = load_trained(load_run_config(path), path, checkpoint)[0].model
         elif (path / "adapter_config.json").is_file():
             from ftjax.peft import import_peft
             adapted = nnx.clone(model)
@@ -155,7 +150,7 @@ def sweep_adapters(sweep_dir: str) -> dict[str, str]:
         raise multi_lora.AdapterError(f"--sweep={sweep_dir}: no arms/ folder (is it a sweep's workdir?)")
     found = {arm.name: str(arm) for arm in sorted(arms.iterdir())
              if is_workdir(arm) and arm_status(arm) == "done"
-             and workdir_config(arm).method.kind in LORA_FAMILY}
+             and load_run_config(arm).method.kind in LORA_FAMILY}
     if not found:
         raise multi_lora.AdapterError(f"--sweep={sweep_dir}: no finished arm trained {LORA_FAMILY}")
     return found
