@@ -229,8 +229,7 @@ def cache_dir(cfg: ml_collections.ConfigDict) -> str | None:
         return None
     if cfg.cache_dir:
         return cfg.cache_dir
-    root = os.environ.get("FTJAX_CACHE") or os.path.join("~", ".cache", "ftjax")
-    return os.path.join(os.path.expanduser(root), "data")
+    return os.path.join(paths.cache_root(), "data")
 
 
 _HASHED_SOURCE_BYTES = 256 << 20  # larger source files are known by size and mtime alone
